@@ -1,0 +1,1 @@
+"""fastclip-ds: FastCLIP compositional contrastive training on DeepSpeed."""
