@@ -1,0 +1,352 @@
+"""Webdataset train pipeline: per step, the rank's local batch ``(images, tokens, keys)``.
+
+Shards are img2dataset-style tars: per sample an image (``jpg``/``jpeg``/``png``/``webp``), a caption
+(``txt``) and ``json`` holding the integer sample ``key`` (the index of FastCLIP's per-sample state).
+
+Two ways to split the data over ranks (``split=``):
+
+``"global"`` (default): world-size invariant. Every rank, and every DataLoader worker, walks the same
+seeded stream: each pass over the data shuffles the shard order by ``(seed, epoch, pass)`` and runs a
+shuffle buffer seeded the same way, emptied at the end of the pass; the stream wraps into a new pass
+when an epoch asks for more samples than the data has. The stream is cut into global batches of
+``global_batch`` valid samples and rank ``r`` keeps rows ``[r*B, (r+1)*B)``, ``B = global_batch //
+world_size``. Same seed, same epoch => the global batch at step ``t`` is the same samples in the same
+order for any world size. Only the kept rows are decoded; the rest are read as raw bytes.
+Cost: every rank (and every worker) reads all shard bytes, and the shuffle buffer holds
+``shuffle_buffer`` raw samples per worker.
+
+``"rank"``: OpenCLIP-style. Each pass shuffles the shards by ``(seed, epoch, pass)``; rank ``r`` takes
+every ``world_size``-th shard from ``r``, worker ``w`` every ``num_workers``-th of those, and batches
+its own shuffled stream. Needs ``>= world_size * num_workers`` shards. Reads each byte once, but the
+batches depend on the world size and worker count (resume is exact only with both unchanged).
+
+Bad data is skipped and counted per reason (see :data:`REASONS`; a warning once per reason and process),
+from the raw bytes that every rank reads, so all ranks make the same grouping decision: a missing image,
+an image whose header PIL cannot identify, a missing/empty caption, a missing/non-integer ``json`` key,
+and a corrupt tar (the rest of that tar is skipped, including the sample being read). An image whose
+header parses but whose full decode fails on the owning rank is replaced by a black image of the header's
+size (key and caption kept, so every rank's batch stays aligned) and counted as ``image_substituted``.
+Counts: :meth:`TrainLoader.stats`. In ``"global"`` mode every rank counts the same skipped samples
+(``image_substituted`` only on the owning rank); in ``"rank"`` mode each rank counts its own shards.
+
+Augmentation is reproducible: each row's transform runs under a torch seed derived from
+``(seed, epoch, step, global row)``, inside a forked RNG so the caller's torch RNG is untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+REASONS = ("no_image", "bad_image", "no_caption", "no_key", "corrupt_tar", "image_substituted")
+SPLITS = ("global", "rank")
+
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Optimizer steps in one epoch: ``num_samples // global_batch`` (the last partial batch is dropped)."""
+    return num_samples // global_batch
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Shard URLs of a pattern: ``::``-joined parts, ``{a..b}`` braces, ``~`` and ``$WDS_*`` expansion."""
+    urls = [os.path.expanduser(u) for u in wds.shardlists.expand_urls(pattern)]
+    if not urls or not all(urls):
+        raise ValueError(f"train data pattern {pattern!r} expands to no shards (or to an empty name)")
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A sample that passed the byte-level checks; the image is not decoded yet."""
+
+    key: int
+    caption: str
+    image: bytes
+    size: tuple[int, int]
+
+
+def _validate(sample: dict[str, bytes]) -> _Raw | str:
+    """The sample, or the name of the reason to skip it; looks only at raw bytes and the image header."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return "no_image"
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except (KeyError, UnicodeDecodeError):
+        return "no_caption"
+    if not caption:
+        return "no_caption"
+    try:
+        key = int(json.loads(sample["json"])["key"])
+    except (KeyError, TypeError, ValueError):
+        return "no_key"
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as img:  # parses the header only
+            size = img.size
+    except Exception:  # PIL raises many types for unidentifiable bytes
+        return "bad_image"
+    return _Raw(key, caption, sample[ext], size)
+
+
+def _read_tar(url: str) -> Iterator[dict[str, bytes] | str]:
+    """Member groups (extension -> bytes) of consecutive same-key files, then ``"corrupt_tar"`` on a read error."""
+    group_key, group = None, {}
+    try:
+        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, base = os.path.split(member.name)
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                data = tar.extractfile(member).read()
+                if (folder, stem) != group_key:
+                    if group:
+                        yield group
+                    group_key, group = (folder, stem), {}
+                group[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        yield "corrupt_tar"
+        return
+    if group:
+        yield group
+
+
+def _shuffled(items: Iterable[_Raw | str], size: int, rng: random.Random) -> Iterator[_Raw | str]:
+    """Buffer shuffle of samples (skip reasons pass straight through); emptied in random order at the end."""
+    buf: list[_Raw] = []
+    for item in items:
+        if isinstance(item, str):
+            yield item
+        elif len(buf) < size:
+            buf.append(item)
+        else:
+            j = rng.randrange(size)
+            yield buf[j]
+            buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _row_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class _EpochStream(IterableDataset):
+    """One epoch's batches for one rank; in a DataLoader, worker ``w`` of ``W`` yields steps
+    ``start_step + w, start_step + w + W, ...`` so the round-robin order is step order."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        steps: int,
+        global_batch: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        epoch: int,
+        image_transform: Callable,
+        tokenizer: Callable,
+        workers: int,
+        shuffle_buffer: int,
+        split: str,
+        start_step: int,
+        counts: Tensor,
+    ) -> None:
+        self.urls, self.steps, self.start_step = urls, steps, start_step
+        self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, epoch
+        self.image_transform, self.tokenizer = image_transform, tokenizer
+        self.workers, self.shuffle_buffer, self.split = workers, max(shuffle_buffer, 1), split
+        self.local_batch = global_batch // world_size
+        # global: group whole global batches, keep this rank's rows; rank: group local batches.
+        self.group = global_batch if split == "global" else self.local_batch
+        self.first_row = rank * self.local_batch if split == "global" else 0
+        self.counts = counts  # [workers, len(REASONS)], shared memory: worker w writes row w
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def _pass_shards(self, stream: int, pass_idx: int) -> list[str]:
+        urls = list(self.urls)
+        random.Random(f"{self.seed}:{self.epoch}:{pass_idx}:shards").shuffle(urls)
+        if self.split == "rank":
+            urls = urls[self.rank :: self.world_size][stream :: self.workers]
+        return urls
+
+    def _samples(self, stream: int) -> Iterator[_Raw | str]:
+        """The stream's validated samples and skip reasons, pass after pass."""
+        rank_part = self.rank if self.split == "rank" else "all"
+        for pass_idx in itertools.count():
+            shards = self._pass_shards(stream, pass_idx)
+            items = (_validate(s) if isinstance(s, dict) else s for url in shards for s in _read_tar(url))
+            rng = random.Random(f"{self.seed}:{self.epoch}:{pass_idx}:{rank_part}:{stream}:buffer")
+            valid = 0
+            for item in _shuffled(items, self.shuffle_buffer, rng):
+                valid += not isinstance(item, str)
+                yield item
+            if not valid:
+                raise RuntimeError(f"no valid sample in {len(shards)} shard(s), e.g. {shards[0]}: see skip warnings")
+
+    def _groups(self, stream: int, stride: int) -> Iterator[tuple[int, list[_Raw], Counter]]:
+        """``(step, samples, skip counts while filling it)`` for steps ``stream, stream + stride, ...``."""
+        step, group, bad = stream, [], Counter()
+        for item in self._samples(stream):
+            if isinstance(item, str):
+                bad[item] += 1
+                continue
+            group.append(item)
+            if len(group) == self.group:
+                yield step, group, bad
+                step, group, bad = step + stride, [], Counter()
+
+    def _count(self, worker: int, reason: str, n: int = 1) -> None:
+        self.counts[worker, REASONS.index(reason)] += n
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("skipping bad train data (%s); further ones are only counted", reason)
+
+    def _image(self, raw: _Raw, worker: int) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(raw.image)) as img:
+                return img.convert("RGB")
+        except Exception:  # truncated or corrupt payload behind a valid header
+            self._count(worker, "image_substituted")
+            return Image.new("RGB", raw.size)
+
+    def _decode(self, step: int, rows: list[_Raw], worker: int) -> Batch:
+        images = []
+        with torch.random.fork_rng(devices=[]):
+            for i, raw in enumerate(rows):
+                torch.manual_seed(_row_seed(self.seed, self.epoch, step, self.first_row + i))
+                images.append(self.image_transform(self._image(raw, worker)))
+        tokens = self.tokenizer([r.caption for r in rows])
+        keys = torch.tensor([r.key for r in rows], dtype=torch.int64)
+        return torch.stack(images), tokens, keys
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if self.split == "global":
+            stream, stride = 0, 1
+        else:  # stream s holds steps s (mod W); worker w serves the one with step start_step + w first
+            stream, stride = (self.start_step + worker) % self.workers, self.workers
+        for step, group, bad in self._groups(stream, stride):
+            if step >= self.steps:
+                return
+            if step < self.start_step or (step - self.start_step) % self.workers != worker:
+                continue
+            for reason, n in bad.items():
+                self._count(worker, reason, n)
+            yield self._decode(step, group[self.first_row : self.first_row + self.local_batch], worker)
+
+
+class TrainLoader:
+    """Iterable over one epoch's local batches ``(images [B,3,H,W], tokens [B,L], keys [B] int64)``."""
+
+    def __init__(self, dataset: _EpochStream, num_workers: int) -> None:
+        self.dataset, self.num_workers = dataset, num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.num_workers == 0:
+            return iter(self.dataset)
+        return iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers))
+
+    def stats(self) -> dict[str, int]:
+        """Skipped/substituted sample counts per reason so far (summed over workers)."""
+        return dict(zip(REASONS, self.dataset.counts.sum(0).tolist(), strict=True))
+
+
+def train_loader(
+    pattern: str,
+    *,
+    num_samples: int,
+    global_batch: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+    image_transform: Callable,
+    tokenizer: Callable,
+    num_workers: int = 1,
+    shuffle_buffer: int = 1000,
+    split: str = "global",
+    start_step: int = 0,
+) -> TrainLoader:
+    """This rank's batches for steps ``start_step .. steps_per_epoch(num_samples, global_batch) - 1`` of ``epoch``.
+
+    ``image_transform(PIL RGB image) -> Tensor [3,H,W]``; ``tokenizer(list[str]) -> LongTensor [n, L]``.
+    ``start_step`` skips earlier steps without decoding them (exact resume). See the module docstring
+    for the ``split`` modes, bad-data handling and costs.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if global_batch < world_size or global_batch % world_size:
+        raise ValueError(f"global_batch ({global_batch}) must be a positive multiple of world_size ({world_size})")
+    steps = steps_per_epoch(num_samples, global_batch)
+    if steps < 1:
+        raise ValueError(f"num_samples ({num_samples}) is smaller than one global batch ({global_batch})")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step ({start_step}) must be in [0, {steps}] (steps per epoch)")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    urls = expand_pattern(pattern)
+    missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} train shard(s) not found, e.g. {missing[0]}")
+    workers = max(num_workers, 1)
+    if split == "rank" and len(urls) < world_size * workers:
+        raise ValueError(
+            f"split='rank' needs >= world_size*num_workers = {world_size * workers} shards, got {len(urls)}; "
+            "use split='global' or fewer workers"
+        )
+    counts = torch.zeros(workers, len(REASONS), dtype=torch.int64).share_memory_()
+    dataset = _EpochStream(
+        urls,
+        steps=steps,
+        global_batch=global_batch,
+        world_size=world_size,
+        rank=rank,
+        seed=seed,
+        epoch=epoch,
+        image_transform=image_transform,
+        tokenizer=tokenizer,
+        workers=workers,
+        shuffle_buffer=shuffle_buffer,
+        split=split,
+        start_step=start_step,
+        counts=counts,
+    )
+    return TrainLoader(dataset, num_workers)
