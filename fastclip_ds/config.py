@@ -1,0 +1,221 @@
+"""Run configuration: embedded defaults, JSON files, ``--set a.b=value`` overrides, validation.
+
+A run config has the sections ``data``, ``model``, ``loss``, ``optimizer``, ``train`` and ``eval``.
+Every key a user may set exists in :func:`default_config`; anything else is an error that names the
+key and the file it came from, raised before any process group starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SOURCE = "<defaults>"
+SET_SOURCE = "--set"
+
+# Keys whose default is null: the type a non-null value must have.
+NULLABLE: dict[str, type | tuple[type, ...]] = {
+    "data.dataset_size": int,
+    "train.max_steps": int,
+    "eval.data": str,
+    "loss.lr_tau": (int, float),
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.split": ("global", "rank"),
+    "train.lr_scheduler": ("cosine", "const"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key, the value and the source."""
+
+
+def train_defaults() -> dict[str, Any]:
+    return {
+        "global_batch_size": 64,
+        "epochs": 10,
+        "max_steps": None,
+        "seed": 0,
+        "lr": 5e-4,
+        "lr_min": 0.0,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 50,
+        "save_every_steps": 0,
+        "keep_checkpoints": 2,
+        "output_dir": "runs/digits",
+        "log_every_steps": 10,
+    }
+
+
+def default_config() -> dict[str, Any]:
+    """The embedded default run: a tiny CLIP on the scikit-learn digits shards (written on first use)."""
+    from . import digits, losses, optim
+
+    return {
+        "data": {
+            "train": digits.train_pattern(digits.DEFAULT_ROOT),
+            "num_samples": digits.NUM_TRAIN,
+            "dataset_size": None,
+            "split": "global",
+            "num_workers": 1,
+            "shuffle_buffer": 1000,
+            "augment": True,
+        },
+        "model": {"config": "fastclip-tiny"},
+        "loss": dict(losses.DEFAULTS),
+        "optimizer": dict(optim.DEFAULTS),
+        "train": train_defaults(),
+        "eval": {"data": str(digits.eval_root(digits.DEFAULT_ROOT)), "every_steps": 0, "batch_size": 256},
+    }
+
+
+@dataclass
+class RunConfig:
+    """The resolved config plus where each leaf value came from (for error messages)."""
+
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, DEFAULT_SOURCE)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source(key)}: {key}: {message}")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.values, indent=2, sort_keys=True) + "\n")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _assign(cfg: RunConfig, defaults: dict[str, Any], key: str, value: Any, source: str) -> None:
+    section, _, leaf = key.partition(".")
+    if section not in defaults or not isinstance(defaults[section], dict):
+        raise ConfigError(f"{source}: {key}: unknown section {section!r} (known: {', '.join(defaults)})")
+    if leaf not in defaults[section]:
+        known = ", ".join(f"{section}.{k}" for k in defaults[section])
+        raise ConfigError(f"{source}: {key}: unknown key (known: {known})")
+    cfg.values[section][leaf] = value
+    cfg.sources[key] = source
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value``; the value is read as JSON when it parses (numbers, true, null, lists), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{SET_SOURCE}: {text!r}: expected dotted.key=value")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults, then the JSON file at ``path``, then ``--set`` overrides; types and choices checked."""
+    defaults = default_config()
+    cfg = RunConfig(json.loads(json.dumps(defaults)))
+    if path is not None:
+        source = str(path)
+        try:
+            tree = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{source}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: expected a JSON object with sections {', '.join(defaults)}")
+        for section, body in tree.items():
+            if not isinstance(body, dict):
+                raise ConfigError(f"{source}: {section}: expected an object of keys, got {body!r}")
+        for key, value in _flatten(tree):
+            _assign(cfg, defaults, key, value, source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _assign(cfg, defaults, key, value, SET_SOURCE)
+    _check_types(cfg, defaults)
+    return cfg
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _check_types(cfg: RunConfig, defaults: dict[str, Any]) -> None:
+    for key, default in _flatten(defaults):
+        section, _, leaf = key.partition(".")
+        value = cfg.values[section][leaf]
+        if default is None:
+            expected = NULLABLE.get(key)
+            if value is None or expected is None:
+                continue
+        else:
+            expected = (int, float) if isinstance(default, float) else type(default)
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, (int, float)))
+        if not ok:
+            raise cfg.error(key, f"expected {_type_name(expected)}, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise cfg.error(key, f"{value!r} is not one of {', '.join(CHOICES[key])}")
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need more than one key: batch arithmetic against the world size, ranges, paths."""
+    train, data = cfg["train"], cfg["data"]
+    batch = train["global_batch_size"]
+    positive = [
+        "train.global_batch_size",
+        "train.epochs",
+        "data.num_samples",
+        "train.log_every_steps",
+        "eval.batch_size",
+    ]
+    for key in positive:
+        section, _, leaf = key.partition(".")
+        if cfg[section][leaf] <= 0:
+            raise cfg.error(key, f"must be positive, got {cfg[section][leaf]!r}")
+    for key in ("train.lr", "train.warmup_steps", "train.save_every_steps", "train.lr_min", "eval.every_steps"):
+        section, _, leaf = key.partition(".")
+        if cfg[section][leaf] < 0:
+            raise cfg.error(key, f"must be >= 0, got {cfg[section][leaf]!r}")
+    if batch % world_size:
+        raise cfg.error(
+            "train.global_batch_size", f"{batch} is not divisible by the world size {world_size} (ranks)"
+        )
+    if batch > data["num_samples"]:
+        raise cfg.error("train.global_batch_size", f"{batch} exceeds data.num_samples={data['num_samples']}")
+    if train["max_steps"] is not None and train["max_steps"] <= 0:
+        raise cfg.error("train.max_steps", f"must be positive or null, got {train['max_steps']!r}")
+    if data["dataset_size"] is not None and data["dataset_size"] <= 0:
+        raise cfg.error("data.dataset_size", f"must be positive or null, got {data['dataset_size']!r}")
+    if not 1 <= data["num_workers"] <= 16 and data["num_workers"] != 0:
+        raise cfg.error("data.num_workers", f"must be between 0 and 16, got {data['num_workers']!r}")
+    if not data["train"].strip():
+        raise cfg.error("data.train", "empty shard pattern")
+
+
+def total_steps(cfg: RunConfig) -> int:
+    """Optimizer steps of the whole run: epochs × (num_samples // global batch), capped by max_steps."""
+    steps = cfg["train"]["epochs"] * (cfg["data"]["num_samples"] // cfg["train"]["global_batch_size"])
+    cap = cfg["train"]["max_steps"]
+    return steps if cap is None else min(steps, cap)
+
+
+def dataset_size(cfg: RunConfig) -> int:
+    """Number of per-sample state slots: ``data.dataset_size`` or, if null, ``data.num_samples``."""
+    size = cfg["data"]["dataset_size"]
+    return cfg["data"]["num_samples"] if size is None else size
+

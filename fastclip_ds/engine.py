@@ -1,0 +1,102 @@
+"""DeepSpeed config assembly and engine creation.
+
+The DeepSpeed JSON (``--deepspeed_config``, DeepSpeed's own keys) owns ZeRO, precision and
+``gradient_clipping``. The run config owns the batch, the optimizer and the schedules: the batch
+keys are derived here from ``train.global_batch_size`` and the world size, so nobody types them twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+OWNED_BY_RUN_CONFIG = {
+    "optimizer": "the run config's optimizer section",
+    "scheduler": "train.lr, train.warmup_steps and train.lr_scheduler in the run config",
+}
+LOGIT_SCALE_MAX = math.log(100.0)  # tau >= 0.01, as OpenCLIP and FastCLIP clamp it
+
+
+def default_ds_config(on_cuda: bool) -> dict[str, Any]:
+    """ZeRO-2 with gradient clipping 1.0: bf16 on GPU, fp32 on CPU (as ``ds_configs/*_zero2_*.json``)."""
+    cfg: dict[str, Any] = {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0, "steps_per_print": 10**6}
+    if on_cuda:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def load_ds_config(path: str | Path | None, on_cuda: bool) -> tuple[dict[str, Any], str]:
+    """The DeepSpeed JSON at ``path`` (or the default) and a name for it in error messages."""
+    if path is None:
+        return default_ds_config(on_cuda), "<default deepspeed config>"
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: deepspeed config not found") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object of DeepSpeed keys")
+    return cfg, str(path)
+
+
+def build_ds_config(
+    user: dict[str, Any], source: str, *, global_batch: int, world_size: int, on_cuda: bool
+) -> dict[str, Any]:
+    """Complete a DeepSpeed config: batch keys from the global batch, checks for keys owned elsewhere."""
+    cfg = json.loads(json.dumps(user))
+    for key, owner in OWNED_BY_RUN_CONFIG.items():
+        if key in cfg:
+            raise ConfigError(f"{source}: {key}: set by {owner}; remove it from the DeepSpeed config")
+    derived = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // world_size,
+        "gradient_accumulation_steps": 1,
+    }
+    for key in BATCH_KEYS:
+        if key in cfg and cfg[key] != derived[key]:
+            raise ConfigError(
+                f"{source}: {key}: {cfg[key]!r} contradicts train.global_batch_size={global_batch} on "
+                f"{world_size} rank(s) (expected {derived[key]}); leave batch keys out, they are derived"
+            )
+    if not on_cuda and cfg.get("fp16", {}).get("enabled", False):
+        raise ConfigError(f"{source}: fp16.enabled: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage: {stage!r} is not one of 0, 1, 2, 3")
+    cfg.update(derived)
+    cfg["zero_allow_untested_optimizer"] = True  # our client optimizers (LAMB, Lion, torch AdamW/SGD)
+    return cfg
+
+
+def precision_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
+
+
+def clamp_logit_scale_after_step(optimizer: torch.optim.Optimizer) -> None:
+    """Clamp the ``logit_scale`` group to [0, ln 100] after every inner optimizer step.
+
+    A post-step hook on the client optimizer works at every ZeRO stage: DeepSpeed hands the inner
+    optimizer its (fp32, possibly partitioned) copies of the group, so the clamp reaches the master
+    weights, not a stale low-precision view.
+    """
+
+    def hook(opt: torch.optim.Optimizer, *_: Any) -> None:
+        with torch.no_grad():
+            for group in opt.param_groups:
+                if group.get("name") == "logit_scale":
+                    for p in group["params"]:
+                        p.clamp_(0.0, LOGIT_SCALE_MAX)
+
+    optimizer.register_step_post_hook(hook)

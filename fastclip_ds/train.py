@@ -1,0 +1,282 @@
+"""Train a CLIP model with DeepSpeed.
+
+Works as ``python -m fastclip_ds.train`` (world size 1), ``torchrun --nproc_per_node K -m fastclip_ds.train``
+and ``deepspeed --num_gpus K --module fastclip_ds.train``. Without ``--config`` it trains the embedded
+default: a tiny CLIP on the scikit-learn digits shards (written on first use), ending with zero-shot top-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, digits
+from .config import ConfigError, RunConfig, dataset_size, load_config, total_steps, validate
+from .engine import build_ds_config, clamp_logit_scale_after_step, load_ds_config, precision_dtype
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastclip-ds train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="run config JSON (sections data, model, loss, optimizer, train, eval); "
+                   "keys left out keep their defaults. Default: the embedded digits demo.")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one dotted key, e.g. --set train.lr=1e-3 --set loss.name=fastclip_v3 "
+                   "(value parsed as JSON, else string); repeatable, applied after --config")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   help="DeepSpeed JSON (ZeRO stage, bf16/fp16, gradient_clipping, ...; see ds_configs/). "
+                   "Batch keys are derived from train.global_batch_size. Default: ZeRO-2, fp32 on CPU, bf16 on GPU")
+    p.add_argument("--resume", metavar="latest|TAG",
+                   help="resume from RUN_DIR/checkpoints: 'latest' or a tag such as step00000100")
+    p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used instead")
+    p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed convention; has no effect")
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(world, rank, local_rank) from the launcher's environment; a plain ``python`` run is world size 1."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _check_output_dir(cfg: RunConfig) -> Path:
+    out = Path(cfg["train"]["output_dir"]).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise cfg.error("train.output_dir", f"{out} is not writable ({err.strerror})") from None
+    return out
+
+
+def _check_data(cfg: RunConfig) -> None:
+    from .data import expand_urls
+
+    pattern = cfg["data"]["train"]
+    if pattern == digits.train_pattern(digits.DEFAULT_ROOT):
+        digits.ensure_digits(digits.DEFAULT_ROOT)
+    missing = [u for u in expand_urls(pattern) if not Path(u).exists()]
+    if missing:
+        raise cfg.error("data.train", f"{len(missing)} shard(s) missing, first: {missing[0]}")
+    if cfg["eval"]["data"] and not Path(cfg["eval"]["data"]).expanduser().is_dir():
+        raise cfg.error("eval.data", f"{cfg['eval']['data']} is not a directory")
+
+
+@dataclass
+class Position:
+    """Where training stands: the next step to run."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config: dict[str, Any], run_dir: Path, rank: int, world: int) -> None:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from .data import steps_per_epoch
+        from .losses import build_loss
+        from .metrics import MetricsLogger
+        from .model import create_model
+        from .optim import build_optimizer, build_scheduler
+
+        self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
+        self.ckpt_dir = run_dir / "checkpoints"
+        train = cfg["train"]
+        torch.manual_seed(train["seed"])
+        self.device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+        self.dtype = precision_dtype(ds_config)
+        self.steps_per_epoch = steps_per_epoch(cfg["data"]["num_samples"], train["global_batch_size"])
+        self.total_steps = total_steps(cfg)
+
+        self.bundle = create_model(cfg["model"]["config"], init_temperature=cfg["loss"]["temperature"],
+                                   seed=train["seed"])
+        self.loss_fn = build_loss(cfg["loss"], dataset_size=dataset_size(cfg), steps_per_epoch=self.steps_per_epoch)
+        model = self.bundle.model
+        lr_tau = cfg["loss"]["lr_tau"]
+        optimizer = build_optimizer(model, cfg["optimizer"], lr=train["lr"], lr_tau=lr_tau,
+                                    train_logit_scale=self.loss_fn.trains_logit_scale)
+        clamp_logit_scale_after_step(optimizer)
+        scheduler = build_scheduler(
+            optimizer, warmup_steps=train["warmup_steps"], total_steps=self.total_steps, lr_min=train["lr_min"],
+            lr_scheduler=train["lr_scheduler"], tau_scheduler=cfg["loss"]["tau_scheduler"], tau_fn=self.tau,
+        )
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config)
+        self.loss_fn.to(self.device)
+        self.metrics = MetricsLogger(run_dir, enabled=rank == 0)
+        self.pos = Position()
+        self.last_tau = cfg["loss"]["temperature"]
+
+    def tau(self) -> float:
+        return self.last_tau
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> str:
+        state = {"position": vars(self.pos), "config": self.cfg.values}
+        return checkpoint.save(self.engine, self.loss_fn, self.ckpt_dir, self.pos.global_step, state,
+                               keep=self.cfg["train"]["keep_checkpoints"])
+
+    def resume(self, spec: str) -> None:
+        tag = checkpoint.resolve(self.ckpt_dir, spec)
+        state = checkpoint.load(self.engine, self.loss_fn, self.ckpt_dir, tag)
+        self.pos = Position(**state["position"])
+        if self.pos.step_in_epoch >= self.steps_per_epoch:
+            self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
+        if self.rank == 0:
+            print(f"resumed from {self.ckpt_dir / tag} at epoch {self.pos.epoch} step {self.pos.global_step}",
+                  flush=True)
+
+    # -- training ----------------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor) -> dict[str, float]:
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        out = self.engine(image=images, text=tokens.to(self.device))
+        logit_scale = out["logit_scale"].float().log().reshape(1)
+        result = self.loss_fn(out["image_features"], out["text_features"], logit_scale, keys.to(self.device))
+        self.engine.backward(result["loss"])
+        self.engine.step()
+        values = {k: float(v) for k, v in result.items()}
+        self.last_tau = values.get("tau", self.last_tau)
+        return values
+
+    def run(self) -> dict[str, float]:
+        from tqdm import tqdm
+
+        from .data import train_loader
+
+        cfg, train, data = self.cfg, self.cfg["train"], self.cfg["data"]
+        bar = tqdm(total=self.total_steps, initial=self.pos.global_step, disable=self.rank != 0,
+                   desc="train", unit="step", dynamic_ncols=True)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.pos.global_step < self.total_steps and self.pos.epoch < train["epochs"]:
+            self.loss_fn.set_epoch(self.pos.epoch)
+            loader = train_loader(
+                data["train"], num_samples=data["num_samples"], global_batch=train["global_batch_size"],
+                world_size=self.world, rank=self.rank, seed=train["seed"], epoch=self.pos.epoch,
+                image_transform=self.bundle.train_transform if data["augment"] else self.bundle.eval_transform,
+                tokenizer=self.bundle.tokenizer,
+                num_workers=data["num_workers"], shuffle_buffer=data["shuffle_buffer"], split=data["split"],
+                start_step=self.pos.step_in_epoch,
+            )
+            for images, tokens, keys in loader:
+                values = self.train_step(images, tokens, keys)
+                self.pos.global_step += 1
+                self.pos.step_in_epoch += 1
+                self.pos.samples_seen += train["global_batch_size"]
+                window_steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", tau=f"{self.last_tau:.4f}")
+                if self.pos.global_step % train["log_every_steps"] == 0:
+                    elapsed = time.perf_counter() - window_start
+                    values["samples_per_s"] = window_steps * train["global_batch_size"] / elapsed
+                    values["lr"] = self.engine.get_lr()[0]
+                    values["epoch"] = self.pos.epoch
+                    self.metrics.log(self.pos.global_step, "train", values)
+                    window_start, window_steps = time.perf_counter(), 0
+                if train["save_every_steps"] and self.pos.global_step % train["save_every_steps"] == 0:
+                    self.save()
+                if cfg["eval"]["every_steps"] and self.pos.global_step % cfg["eval"]["every_steps"] == 0:
+                    self.evaluate()
+                if self.pos.global_step >= self.total_steps:
+                    break
+            else:
+                self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
+        bar.close()
+        self.save()
+        return self.evaluate()
+
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot on ``eval.data`` (rank 0 computes; ZeRO-3 parameters are gathered on every rank)."""
+        import deepspeed
+        import deepspeed.comm as dist
+
+        from .eval.zeroshot import zeroshot_eval
+
+        root = self.cfg["eval"]["data"]
+        if not root:
+            return {}
+        metrics: dict[str, float] = {}
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
+                                               enabled=self.engine.zero_optimization_stage() == 3):
+            if self.rank == 0:
+                metrics = zeroshot_eval(module, self.bundle.tokenizer, self.bundle.eval_transform,
+                                        Path(root).expanduser(), batch_size=self.cfg["eval"]["batch_size"],
+                                        device=self.device)
+                module.train()
+                self.metrics.log(self.pos.global_step, "eval", metrics)
+                print(f"zero-shot @ step {self.pos.global_step}: " + json.dumps(metrics), flush=True)
+        dist.barrier()
+        return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    world, rank, _ = distributed_env()
+    on_cuda = torch.cuda.is_available()
+    try:
+        cfg = load_config(args.config, args.set)
+        validate(cfg, world)
+        if args.print_config:
+            print(json.dumps(cfg.values, indent=2))
+            return 0
+        ds_user, ds_source = load_ds_config(args.deepspeed_config, on_cuda)
+        ds_config = build_ds_config(ds_user, ds_source, global_batch=cfg["train"]["global_batch_size"],
+                                    world_size=world, on_cuda=on_cuda)
+        run_dir = _check_output_dir(cfg)
+        _check_data(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    import deepspeed
+
+    from .compat import patch_deepspeed
+
+    patch_deepspeed()
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if rank == 0:
+        cfg.save(run_dir / "config.json")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    trainer = Trainer(cfg, ds_config, run_dir, rank, world)
+    if args.resume:
+        trainer.resume(args.resume)
+    metrics = trainer.run()
+    trainer.metrics.close()
+    if rank == 0 and metrics:
+        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"zero-shot top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({run_dir})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
