@@ -1,0 +1,113 @@
+"""The communication layer: every collective the losses issue, on ``deepspeed.comm``.
+
+Going through ``deepspeed.comm`` (not ``torch.distributed``) lets DeepSpeed's comms logger see the traffic;
+each call passes its op name as ``log_name``. Without an initialised process group every function is the
+single-process identity (world size 1, rank 0).
+
+Byte counter: :func:`bytes_by_op` returns, per op name, the bytes *this rank sent* since the last
+:func:`reset_bytes`, under the ring model used by DeepSpeed's comms logger and nccl-tests
+(``K`` ranks, ``S`` the size of the full result):
+
+    all_gather      (K-1)/K * S   = (K-1) * local bytes
+    reduce_scatter  (K-1)/K * S   (S = the full input)
+    all_reduce      2(K-1)/K * S
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import deepspeed.comm as dist
+import torch
+from torch import Tensor
+
+_BYTES: defaultdict[str, int] = defaultdict(int)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def bytes_by_op() -> dict[str, int]:
+    """Bytes this rank sent per op name since the last :func:`reset_bytes` (ring model, see module doc)."""
+    return dict(_BYTES)
+
+
+def reset_bytes() -> None:
+    _BYTES.clear()
+
+
+def _count(op: str, sent: float) -> None:
+    _BYTES[op] += round(sent)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_gather_rows(tensors: Sequence[Tensor], op: str) -> list[Tensor]:
+    """All-gather several ``[B, ...]`` tensors (any dtypes, same ``B`` and device) in ONE collective, no autograd.
+
+    The rows are packed byte-wise into one ``[B, bytes_per_row]`` uint8 buffer, gathered, and unpacked into
+    ``[K*B, ...]`` tensors of the original dtypes; gathered row ``r*B + i`` is rank ``r``'s row ``i``.
+    """
+    k = world_size()
+    if k == 1:
+        return [t.detach() for t in tensors]
+    rows = tensors[0].shape[0]
+    if any(t.shape[0] != rows for t in tensors):
+        raise ValueError(f"all_gather_rows({op}): tensors disagree on the row count: {[t.shape[0] for t in tensors]}")
+    parts = [t.detach().reshape(rows, -1).contiguous().view(torch.uint8) for t in tensors]
+    packed = torch.cat(parts, dim=1)
+    out = packed.new_empty((k * rows, packed.shape[1]))
+    dist.all_gather_into_tensor(out, packed, log_name=op)
+    _count(op, (k - 1) * _nbytes(packed))
+    result, start = [], 0
+    for t, p in zip(tensors, parts, strict=True):
+        chunk = out[:, start : start + p.shape[1]].contiguous().view(t.dtype)
+        result.append(chunk.reshape(k * rows, *t.shape[1:]))
+        start += p.shape[1]
+    return result
+
+
+def all_reduce_sum_(t: Tensor, op: str) -> Tensor:
+    """In-place sum over ranks (no autograd); returns ``t``."""
+    k = world_size()
+    if k > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, log_name=op)
+        _count(op, 2 * (k - 1) / k * _nbytes(t))
+    return t
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather rows. Backward: reduce-scatter (sum) of the gathered gradient back to its owners."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, op: str) -> Tensor:
+        k = world_size()
+        ctx.op, ctx.k = op, k
+        out = x.new_empty((k * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), log_name=op)
+        _count(op, (k - 1) * _nbytes(x))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        k = ctx.k
+        out = grad.new_empty((grad.shape[0] // k, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, log_name=ctx.op + "_grad")
+        _count(ctx.op + "_grad", (k - 1) / k * _nbytes(grad))
+        return out, None
+
+
+def gather_with_grad(x: Tensor, op: str) -> Tensor:
+    """All-gather ``[B, ...]`` rows into ``[K*B, ...]`` with autograd: the backward sums every rank's gradient
+    of the gathered tensor and returns each rank its own rows (OpenCLIP's ``gather_with_grad``)."""
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x, op)
