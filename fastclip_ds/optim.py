@@ -12,8 +12,10 @@ Parameter groups (:func:`param_groups`), each tagged with a ``"name"``:
 Empty groups are dropped. LAMB follows the public FastCLIP code: the update is the bias-corrected Adam
 direction plus ``weight_decay·w``, scaled by the trust ratio ‖w‖/‖update‖ only in groups with weight
 decay ≠ 0 (so biases, norms and ``logit_scale`` take plain Adam steps; a zero norm gives ratio 1).
-The ratio is computed per tensor the optimizer holds: under ZeRO ≥ 1 DeepSpeed hands the optimizer one
-flat partition per group, so the ratio becomes per rank-partition, not per layer.
+The ratio is per parameter tensor. Under ZeRO ≥ 1 DeepSpeed hands the optimizer one flat partition per
+group (per sub-group at ZeRO-3) instead of the tensors; :func:`enable_layerwise_lamb` gives LAMB the layout
+of those partitions, and the per-tensor squared norms are then summed over the ranks by one all-reduce of
+2·(tensors + 1) numbers per group and step, so every stage takes the same step as ZeRO-0.
 Lion (Chen et al. 2023): ``w ← w·(1 − lr·wd) − lr·sign(β1·m + (1−β1)·g)``, then ``m ← β2·m + (1−β2)·g``.
 AdamW and SGD are torch's; SGD's ``weight_decay`` is torch's L2 term added to the gradient.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,8 +60,23 @@ def _check_betas(betas: Iterable[float]) -> tuple[float, float]:
     return betas
 
 
+@dataclass(frozen=True)
+class FlatLayout:
+    """How a flat (ZeRO) tensor splits into parameter tensors: consecutive chunks of ``lengths`` elements,
+    chunk k belonging to tensor ``layers[k]`` (``num_layers`` for padding); ``reduce`` sums a tensor over
+    the ranks sharing the tensors (``None`` when one rank holds them whole)."""
+
+    lengths: list[int]
+    layers: list[int]
+    num_layers: int
+    reduce: Callable[[torch.Tensor], Any] | None
+
+
 class Lamb(Optimizer):
-    """LAMB (You et al. 2019) as in the public FastCLIP code; see the module docstring for the rule."""
+    """LAMB (You et al. 2019) as in the public FastCLIP code; see the module docstring for the rule.
+
+    ``layouts`` maps ``id(flat tensor)`` to its :class:`FlatLayout`; any other tensor is one layer.
+    """
 
     def __init__(
         self,
@@ -71,6 +89,27 @@ class Lamb(Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"Lamb: lr ({lr}), eps ({eps}) and weight_decay ({weight_decay}) must be >= 0")
         super().__init__(params, {"lr": lr, "betas": _check_betas(betas), "eps": eps, "weight_decay": weight_decay})
+        self.layouts: dict[int, FlatLayout] = {}
+
+    def _apply_trust_ratio(self, p: torch.Tensor, update: torch.Tensor) -> None:
+        """Scale ``update`` by ‖w‖/‖update‖ per parameter tensor (1 where either norm is 0)."""
+        acc = torch.promote_types(p.dtype, torch.float32)
+        layout = self.layouts.get(id(p))
+        if layout is None:
+            sq = torch.stack([p.to(acc).square().sum(), update.to(acc).square().sum()])[:, None]
+            chunks, layers = [update], [0]
+        else:
+            chunks, layers = update.reshape(-1).split(layout.lengths), layout.layers
+            index = torch.tensor(layers, device=p.device)
+            sq = torch.zeros(2, layout.num_layers + 1, dtype=acc, device=p.device)
+            for row, tensor_chunks in enumerate((p.reshape(-1).split(layout.lengths), chunks)):
+                sq[row].index_add_(0, index, torch.stack([c.to(acc).square().sum() for c in tensor_chunks]))
+            if layout.reduce is not None:
+                layout.reduce(sq)
+        w_norm, u_norm = sq.sqrt()
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)).to(p.dtype)
+        for chunk, layer in zip(chunks, layers, strict=True):
+            chunk.mul_(ratio[layer])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -99,9 +138,7 @@ class Lamb(Optimizer):
                 update = (m / (1 - beta1 ** state["step"])).div_(denom)
                 if wd != 0:
                     update.add_(p, alpha=wd)
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    usable = (w_norm > 0) & (u_norm > 0)  # a tensor test: no host sync on GPU
-                    update.mul_(torch.where(usable, w_norm / u_norm, torch.ones_like(w_norm)))
+                    self._apply_trust_ratio(p, update)
                 p.add_(update, alpha=-group["lr"])
         return loss
 
@@ -203,6 +240,75 @@ def build_optimizer(
     if cfg["nesterov"] and cfg["momentum"] <= 0:
         raise ValueError(f"optimizer.nesterov: needs optimizer.momentum > 0 (got {cfg['momentum']})")
     return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+
+
+def _partition_layout(offsets: list[int], numels: list[int], start: int, size: int) -> tuple[list[int], list[int]]:
+    """Chunks of the flat range [start, start+size) over tensors at ``offsets`` (gaps are padding)."""
+    lengths: list[int] = []
+    layers: list[int] = []
+    pos, end = start, start + size
+    for layer, (offset, numel) in enumerate(zip(offsets, numels, strict=True)):
+        lo, hi = max(offset, start), min(offset + numel, end)
+        if lo >= hi:
+            continue
+        if lo > pos:
+            lengths.append(lo - pos)
+            layers.append(len(numels))
+        lengths.append(hi - lo)
+        layers.append(layer)
+        pos = hi
+    if pos < end:
+        lengths.append(end - pos)
+        layers.append(len(numels))
+    return lengths, layers
+
+
+def enable_layerwise_lamb(engine: Any) -> None:
+    """Tell a :class:`Lamb` inside a DeepSpeed ``engine`` how its ZeRO partitions split into tensors.
+
+    Call once after ``deepspeed.initialize``; a no-op for other optimizers and for wrappers that keep
+    one fp32 tensor per parameter (ZeRO-0). Reads DeepSpeed 0.19's ZeRO-1/2/3 partition bookkeeping.
+    """
+    lamb = engine.basic_optimizer
+    if not isinstance(lamb, Lamb):
+        return
+    from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    def reducer(group: Any) -> Callable[[torch.Tensor], None]:
+        def reduce(t: torch.Tensor) -> None:  # via the accelerator: NCCL cannot reduce an offloaded CPU tensor
+            on_device = t.to(get_accelerator().current_device_name())
+            comm.all_reduce(on_device, group=group)
+            t.copy_(on_device)
+
+        return reduce
+
+    wrapper = engine.optimizer
+    flats: list[tuple[torch.Tensor, FlatLayout]] = []
+    if isinstance(wrapper, DeepSpeedZeroOptimizer):
+        for i, flat in enumerate(wrapper.single_partition_of_fp32_groups):
+            group, size = wrapper.real_dp_process_group[i], wrapper.partition_size[i]
+            numels = [m.numel() for m in wrapper.round_robin_bit16_meta[i]]
+            lengths, layers = _partition_layout(
+                wrapper.round_robin_bit16_offsets[i], numels, comm.get_rank(group=group) * size, size
+            )
+            flats.append((flat, FlatLayout(lengths, layers, len(numels), reducer(group))))
+    elif isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        for i, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
+            lengths = [t.ds_numel for t in wrapper.fp16_partitioned_groups[i]]
+            layout = FlatLayout(
+                lengths, list(range(len(lengths))), len(lengths), reducer(wrapper.sub_group_process_groups[i])
+            )
+            flats.append((flat, layout))
+    elif wrapper is not lamb and not isinstance(wrapper, FP16_UnfusedOptimizer):
+        raise ValueError(f"LAMB: layer-wise trust ratios are not supported under DeepSpeed's {type(wrapper).__name__}")
+    for flat, layout in flats:
+        if sum(layout.lengths) != flat.numel():
+            raise RuntimeError(f"LAMB: ZeRO partition layout ({sum(layout.lengths)}) != partition ({flat.numel()})")
+        lamb.layouts[id(flat)] = layout
 
 
 def warmup_cosine(step: int, base_lr: float, warmup_steps: int, total_steps: int, lr_min: float) -> float:

@@ -22,6 +22,7 @@ from fastclip_ds.optim import (
     LRSchedule,
     build_optimizer,
     build_scheduler,
+    enable_layerwise_lamb,
     warmup_cosine,
 )
 
@@ -100,7 +101,9 @@ def test_lamb_matches_formula(n_steps: int) -> None:
         torch.testing.assert_close(params[i].detach(), expected, rtol=1e-12, atol=1e-14)
     # The trust ratio is what sets the step size of a decayed weight: ‖Δw‖ = lr·‖w‖ on step 1.
     if n_steps == 1:
-        assert float((params[0].detach() - initial[0]).norm()) == pytest.approx(lr * float(initial[0].norm()), rel=1e-12)
+        assert float((params[0].detach() - initial[0]).norm()) == pytest.approx(
+            lr * float(initial[0].norm()), rel=1e-12
+        )
 
 
 @pytest.mark.parametrize("n_steps", [1, 3])
@@ -348,41 +351,52 @@ DS_LRS = {"adamw": 3e-3, "lamb": 3e-2, "lion": 3e-4, "sgd": 0.3}
 DS_STEPS = 5
 
 
-def ds_worker(stage: int) -> None:
-    """Train the tiny CLIP for a few steps with each optimizer at ZeRO ``stage``; print one JSON line each."""
+def ds_worker(stages: list[int], names: list[str]) -> None:
+    """Train the tiny CLIP a few steps per (ZeRO stage, optimizer); rank 0 prints one JSON line each.
+
+    Every rank sees the same 8 pairs, so the averaged gradient, and the run, match a 1-rank run.
+    """
     import deepspeed
 
     from fastclip_ds.compat import patch_deepspeed
 
     patch_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
+    world = int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)
     images, tokens = torch.randn(8, 3, 16, 16), torch.randint(1, 64, (8, 8))
     targets = torch.arange(8)
-    for name, lr in DS_LRS.items():
-        torch.manual_seed(1)
-        model = tiny_clip()
-        opt = build_optimizer(model, {"name": name}, lr=lr, lr_tau=lr / 2, train_logit_scale=True)
-        sched = build_scheduler(opt, warmup_steps=2, total_steps=8, lr_min=0.0, tau_scheduler="const", tau_fn=None)
-        config = {
-            "train_batch_size": 8,
-            "train_micro_batch_size_per_gpu": 8,
-            "zero_optimization": {"stage": stage},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**6,
-        }
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
-        losses, lrs = [], []
-        for _ in range(DS_STEPS):
-            lrs.append(engine.get_lr())
-            img, txt, scale = engine(images, tokens)
-            logits = scale * img @ txt.T
-            loss = (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets)) / 2
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        groups = [g.get("name") for g in engine.optimizer.param_groups]
-        print(json.dumps({"name": name, "losses": losses, "lrs": lrs, "groups": groups}), flush=True)
+    for stage in stages:
+        for name in names:
+            lr = DS_LRS[name]
+            torch.manual_seed(1)
+            model = tiny_clip()
+            opt = build_optimizer(model, {"name": name}, lr=lr, lr_tau=lr / 2, train_logit_scale=True)
+            sched = build_scheduler(opt, warmup_steps=2, total_steps=8, lr_min=0.0, tau_scheduler="const", tau_fn=None)
+            config = {
+                "train_batch_size": 8 * world,
+                "train_micro_batch_size_per_gpu": 8,
+                "zero_optimization": {"stage": stage},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**6,
+            }
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+            enable_layerwise_lamb(engine)
+            losses, lrs = [], []
+            for _ in range(DS_STEPS):
+                lrs.append(engine.get_lr())
+                img, txt, scale = engine(images, tokens)
+                logits = scale * img @ txt.T
+                loss = (
+                    nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets)
+                ) / 2
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            groups = [g.get("name") for g in engine.optimizer.param_groups]
+            if int(os.environ["RANK"]) == 0:
+                print(json.dumps({"stage": stage, "name": name, "losses": losses, "lrs": lrs, "groups": groups}))
+                sys.stdout.flush()
 
 
 def free_port() -> int:
@@ -391,32 +405,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_optimizers_in_deepspeed_engine(stage: int) -> None:
-    env = {
-        **os.environ,
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__, str(stage)], env=env, capture_output=True, text=True, timeout=180, check=False
-    )
+def run_ds(stages: list[int], names: list[str], ranks: int) -> dict[tuple[int, str], dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = [",".join(map(str, stages)), ",".join(names)]
+    if ranks == 1:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        cmd = [sys.executable, __file__, *args]
+    else:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
+        cmd = [*torchrun, "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {r["name"]: r for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
-    assert sorted(results) == sorted(DS_LRS)
-    for name, lr in DS_LRS.items():
-        r = results[name]
-        assert r["groups"] == ["decay", "no_decay", "logit_scale"], name
-        assert r["losses"][-1] < 0.9 * r["losses"][0], (name, r["losses"])
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {(r["stage"], r["name"]): r for r in rows}
+
+
+def test_optimizers_in_deepspeed_engine() -> None:
+    """Each optimizer trains at ZeRO 0, 2 and 3 under the schedule, and every stage takes the same steps."""
+    results = run_ds([0, 2, 3], list(DS_LRS), ranks=1)
+    assert sorted(results) == sorted((stage, name) for stage in (0, 2, 3) for name in DS_LRS)
+    for (stage, name), r in results.items():
+        lr = DS_LRS[name]
+        assert r["groups"] == ["decay", "no_decay", "logit_scale"], (stage, name)
+        assert r["losses"][-1] < 0.9 * r["losses"][0], (stage, name, r["losses"])
         for step, lrs in enumerate(r["lrs"]):
             model_lr = warmup_cosine(step, lr, 2, 8, 0.0)
-            assert lrs == pytest.approx([model_lr, model_lr, lr / 2], rel=1e-12), (name, step)
+            assert lrs == pytest.approx([model_lr, model_lr, lr / 2], rel=1e-12), (stage, name, step)
+        # ZeRO flattens the groups; LAMB's per-tensor trust ratio must survive that (enable_layerwise_lamb).
+        assert r["losses"] == pytest.approx(results[0, name]["losses"], rel=1e-5), (stage, name)
+
+
+@pytest.mark.slow
+def test_lamb_two_ranks_matches_one_rank() -> None:
+    """At 2 ranks ZeRO-2/3 split tensors across ranks; the all-reduced trust ratios keep LAMB's steps."""
+    one = run_ds([0], ["lamb"], ranks=1)
+    two = run_ds([2, 3], ["lamb"], ranks=2)
+    for stage in (2, 3):
+        assert two[stage, "lamb"]["losses"] == pytest.approx(one[0, "lamb"]["losses"], rel=1e-5), stage
 
 
 if __name__ == "__main__":
-    ds_worker(int(sys.argv[1]))
+    ds_worker([int(x) for x in sys.argv[1].split(",")], sys.argv[2].split(","))
