@@ -149,3 +149,84 @@ def test_fastclip_gradients_and_u_update(name: str, eps: float) -> None:
     gamma2 = gamma_at(schedule, 0.6, 2, 1)
     assert gamma2 < 1
     check_step(loss, name, x2, t2, logit_scale, keys2, u, gamma2, eps, rho)
+
+
+def test_openclip_matches_open_clip_clip_loss() -> None:
+    open_clip = import_open_clip()
+    x, t = features(12, 6, seed=3)
+    logit_scale = torch.tensor([math.log(1 / 0.07)], dtype=torch.float64)
+    out, dx, dt, dlam = run_step(make_loss("openclip"), x, t, logit_scale, torch.arange(12))
+    rx, rt, rlam = x.clone().requires_grad_(), t.clone().requires_grad_(), logit_scale.clone().requires_grad_()
+    ref = open_clip.loss.ClipLoss()(rx, rt, rlam.exp())
+    ref.backward()
+    assert float(out["loss"].detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    for ours, theirs in ((dx, rx.grad), (dt, rt.grad), (dlam, rlam.grad)):
+        assert rel_err(ours, theirs) < 1e-10
+
+
+def antipodal_features(n: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positives s_ii ≈ -1 and some negatives s_ij ≈ +1: exponents (s_ij - s_ii)/τ ≈ 200 at τ = 0.01."""
+    g = torch.Generator().manual_seed(5)
+    base = normalize(torch.randn(n // 2, d, generator=g, dtype=torch.float64), dim=1)
+    x = torch.stack([base, -base], dim=1).reshape(n, d)
+    x = normalize(x + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    t = normalize(-x + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    return x.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("name", ["openclip", *FASTCLIP])
+def test_log_space_stable_at_tau_001(name: str) -> None:
+    """float32 at τ = 0.01 with s_ij - s_ii near 2 (e^200 overflows float32): finite, and equal to float64."""
+    logit_scale = torch.tensor([math.log(100.0)])
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        loss = make_loss(name, temperature=0.01, rho=8.0)
+        grads = []
+        for step in range(2):
+            x, t = antipodal_features(8, 6, dtype)
+            out, dx, dt, dlam = run_step(loss, x, t, logit_scale.to(dtype), torch.arange(8) + step * 4)
+            grads += [out["loss"].detach().reshape(1), dx.flatten(), dt.flatten()]
+            grads += [] if dlam is None else [dlam]
+            loss.set_epoch(1)
+        results[dtype] = torch.cat([g.double() for g in grads])
+    assert torch.isfinite(results[torch.float32]).all()
+    assert rel_err(results[torch.float32], results[torch.float64]) < 1e-4
+
+
+def test_gamma_schedules() -> None:
+    assert gamma_at("cosine", 0.2, 10, 0) == 1.0
+    assert gamma_at("cosine", 0.2, 10, 5) == pytest.approx(0.6)
+    assert gamma_at("cosine", 0.2, 10, 10) == gamma_at("cosine", 0.2, 10, 30) == 0.2
+    assert gamma_at("constant", 0.2, 10, 0) == 0.2
+    epoch_wise = make_loss("fastclip_v1", gamma=0.2, gamma_decay_epochs=4)
+    per_step = make_loss("fastclip_v1", gamma=0.2, gamma_decay_epochs=4, gamma_schedule="cosine_step")
+    x, t = features(4, 3, seed=0)
+    for _ in range(2):  # steps_per_epoch = 4: two steps = half an epoch
+        for loss in (epoch_wise, per_step):
+            run_step(loss, x, t, torch.zeros(1, dtype=torch.float64), torch.arange(4))
+    assert epoch_wise.gamma() == 1.0
+    assert per_step.gamma() == pytest.approx(gamma_at("cosine", 0.2, 4, 0.5))
+    epoch_wise.set_epoch(2)
+    assert epoch_wise.gamma() == pytest.approx(0.6)
+    assert make_loss("sogclr", gamma=0.9).gamma() == 0.9
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"name": "fastclip_v9"}, "loss.name"),
+        ({"name": "fastclip_v3", "gama": 0.5}, "loss.gama: unknown key"),
+        ({"name": "sogclr", "gamma_schedule": "cosine"}, "loss.gamma_schedule: sogclr uses a constant"),
+        ({"name": "fastclip_v1", "gamma": 0.0}, "loss.gamma"),
+        ({"name": "fastclip_v2"}, "loss.lr_tau"),
+    ],
+)
+def test_build_loss_rejects_bad_config(cfg: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_loss(cfg, dataset_size=8, steps_per_epoch=1)
+
+
+def test_key_outside_state_is_a_clear_error() -> None:
+    x, t = features(4, 3, seed=0)
+    with pytest.raises(ValueError, match=r"key out of range \[0, 64\)"):
+        run_step(make_loss("fastclip_v3"), x, t, torch.zeros(1, dtype=torch.float64), torch.tensor([1, 2, 3, 64]))

@@ -1,49 +1,10 @@
-"""The interface every loss implements, and the kernel calls every loss is built on."""
+"""The interface every loss implements."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
-import fastclip_kernels
 import torch
-from fastclip_kernels import BlockStats
-from torch import Tensor
-
-# Forward `impl=` to the kernels once they accept it; the dense reference (no keyword) serves "auto"/"dense".
-_KERNELS_TAKE_IMPL = "impl" in inspect.signature(fastclip_kernels.block_stats).parameters
-
-
-def _impl_kwargs(impl: str) -> dict[str, str]:
-    if _KERNELS_TAKE_IMPL:
-        return {"impl": impl}
-    if impl not in ("auto", "dense"):
-        raise ValueError(f"loss.impl: {impl!r} is not available in this fastclip_kernels (only the dense reference)")
-    return {}
-
-
-def block_stats(
-    x: Tensor,
-    y: Tensor,
-    theta_row: Tensor,
-    theta_col: Tensor | None,
-    diag_offset: int,
-    exclude_diag: bool,
-    impl: str,
-) -> BlockStats:
-    return fastclip_kernels.block_stats(x, y, theta_row, theta_col, diag_offset, exclude_diag, **_impl_kwargs(impl))
-
-
-def block_grads(
-    x: Tensor,
-    y: Tensor,
-    row: tuple[Tensor, Tensor, Tensor] | None,
-    col: tuple[Tensor, Tensor, Tensor] | None,
-    diag_offset: int,
-    exclude_diag: bool,
-    impl: str,
-) -> tuple[Tensor, Tensor]:
-    return fastclip_kernels.block_grads(x, y, row, col, diag_offset, exclude_diag, **_impl_kwargs(impl))
 
 
 class ContrastiveLoss(torch.nn.Module):

@@ -81,10 +81,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from fastclip_kernels import block_grads, block_stats
 from torch import Tensor
 
 from .. import comm
-from .base import ContrastiveLoss, block_grads, block_stats
+from .base import ContrastiveLoss
 from .state import ShardedState
 
 OBJECTIVE = {
@@ -157,8 +158,8 @@ class _FccoSurrogate(torch.autograd.Function):
             return pick(side.theta), pick(side.b), pick(side.alpha) * k
 
         off = rows.start
-        dx = block_grads(x, ts, coeffs(img, True), coeffs(txt, False), off, True, impl)[0]
-        dt = block_grads(t, xs, coeffs(txt, True), coeffs(img, False), off, True, impl)[0]
+        dx = block_grads(x, ts, coeffs(img, True), coeffs(txt, False), off, True, impl=impl)[0]
+        dt = block_grads(t, xs, coeffs(txt, True), coeffs(img, False), off, True, impl=impl)[0]
         w_img = _local(img.alpha, rows) * _local(img.theta, rows) * img.ratio
         w_txt = _local(txt.alpha, rows) * _local(txt.theta, rows) * txt.ratio
         diag = -(w_img + w_txt) * k
@@ -264,8 +265,8 @@ class FastClipLoss(ContrastiveLoss):
 
         # local anchors' rows: log g and (per-sample τ) θ (m - s)
         log_n1 = math.log(n - 1)
-        st1 = block_stats(x, ts, _local(th1, rows), None, rows.start, True, self.impl)
-        st2 = block_stats(t, xs, _local(th2, rows), None, rows.start, True, self.impl)
+        st1 = block_stats(x, ts, _local(th1, rows), None, rows.start, True, impl=self.impl)
+        st2 = block_stats(t, xs, _local(th2, rows), None, rows.start, True, impl=self.impl)
         lg_loc = torch.stack(
             [
                 st1.lse_row.to(cd) - _local(th1, rows) * spos[rows] - log_n1,
