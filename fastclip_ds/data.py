@@ -125,12 +125,11 @@ def _read_tar(url: str) -> Iterator[dict[str, bytes] | str]:
                 if "." not in base:
                     continue
                 stem, ext = base.split(".", 1)
-                data = tar.extractfile(member).read()
-                if (folder, stem) != group_key:
+                if (folder, stem) != group_key:  # emit the finished sample before reading more bytes
                     if group:
                         yield group
                     group_key, group = (folder, stem), {}
-                group[ext.lower()] = data
+                group[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         yield "corrupt_tar"
         return
@@ -245,7 +244,7 @@ class _EpochStream(IterableDataset):
         images = []
         with torch.random.fork_rng(devices=[]):
             for i, raw in enumerate(rows):
-                torch.manual_seed(_row_seed(self.seed, self.epoch, step, self.first_row + i))
+                torch.default_generator.manual_seed(_row_seed(self.seed, self.epoch, step, self.first_row + i))
                 images.append(self.image_transform(self._image(raw, worker)))
         tokens = self.tokenizer([r.caption for r in rows])
         keys = torch.tensor([r.key for r in rows], dtype=torch.int64)
