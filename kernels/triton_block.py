@@ -215,9 +215,9 @@ def _prepare(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x.contiguous(), y.contiguous()
 
 
-def _vec(t: Tensor, length: int, scale: float = 1.0) -> Tensor:
-    """A 1-element or length-``length`` tensor as a contiguous float32 vector, times ``scale``."""
-    return (t.detach().to(torch.float32).expand(length) * scale).contiguous()
+def _vec(t: Tensor, length: int, device: torch.device) -> Tensor:
+    """A 1-element or length-``length`` tensor as a contiguous float32 vector on ``device``."""
+    return t.detach().to(device=device, dtype=torch.float32).expand(length).contiguous()
 
 
 def _flags(x: Tensor) -> dict:
@@ -241,11 +241,11 @@ def block_stats(
     f32 = {"dtype": torch.float32, "device": x.device}
     lse_r, mom_r = torch.empty(m, **f32), torch.empty(m, **f32)
     has_col = theta_col is not None
-    th_c = _vec(theta_col, n) if has_col else lse_r
+    th_c = _vec(theta_col, n, x.device) if has_col else lse_r
     lse_cp = torch.empty(grid[0], n, **f32) if has_col else lse_r
     mom_cp = torch.empty(grid[0], n, **f32) if has_col else lse_r
     _stats_kernel[grid](
-        x, y, _vec(theta_row, m), th_c, lse_r, mom_r, lse_cp, mom_cp, m, n, d, diag_offset,
+        x, y, _vec(theta_row, m, x.device), th_c, lse_r, mom_r, lse_cp, mom_cp, m, n, d, diag_offset,
         HAS_COL=has_col, EXCLUDE=exclude_diag, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_flags(x),
     )  # fmt: skip
     if not has_col:
@@ -260,7 +260,7 @@ def _coeffs(side: tuple[Tensor, Tensor, Tensor] | None, length: int, dummy: Tens
     """``(θ·log2e, b·log2e, a·θ)`` as float32 vectors (``dummy`` pointers when the side is absent)."""
     if side is None:
         return dummy, dummy, dummy
-    theta, b, a = (_vec(t, length) for t in side)
+    theta, b, a = (_vec(t, length, dummy.device) for t in side)
     return theta * LOG2E, b * LOG2E, a * theta
 
 
