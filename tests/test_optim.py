@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -351,10 +353,12 @@ DS_LRS = {"adamw": 3e-3, "lamb": 3e-2, "lion": 3e-4, "sgd": 0.3}
 DS_STEPS = 5
 
 
-def ds_worker(stages: list[int], names: list[str]) -> None:
+def ds_worker(stages: list[int], names: list[str], ckpt_dir: str) -> None:
     """Train the tiny CLIP a few steps per (ZeRO stage, optimizer); rank 0 prints one JSON line each.
 
-    Every rank sees the same 8 pairs, so the averaged gradient, and the run, match a 1-rank run.
+    Every rank sees the same 8 pairs, so the averaged gradient, and the run, match a 1-rank run. A
+    checkpoint saved after step 3 (in ``ckpt_dir``, shared by the ranks) is loaded into a fresh engine,
+    which then repeats steps 4 and 5.
     """
     import deepspeed
 
@@ -366,37 +370,52 @@ def ds_worker(stages: list[int], names: list[str]) -> None:
     torch.manual_seed(0)
     images, tokens = torch.randn(8, 3, 16, 16), torch.randint(1, 64, (8, 8))
     targets = torch.arange(8)
+
+    def make_engine(stage: int, name: str) -> Any:
+        lr = DS_LRS[name]
+        torch.manual_seed(1)
+        model = tiny_clip()
+        opt = build_optimizer(model, {"name": name}, lr=lr, lr_tau=lr / 2, train_logit_scale=True)
+        sched = build_scheduler(opt, warmup_steps=2, total_steps=8, lr_min=0.0, tau_scheduler="const", tau_fn=None)
+        config = {
+            "train_batch_size": 8 * world,
+            "train_micro_batch_size_per_gpu": 8,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**6,
+        }
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+        enable_layerwise_lamb(engine)
+        return engine
+
+    def train(engine: Any, steps: int, losses: list[float], lrs: list[list[float]]) -> None:
+        for _ in range(steps):
+            lrs.append(engine.get_lr())
+            img, txt, scale = engine(images, tokens)
+            logits = scale * img @ txt.T
+            loss = (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets)) / 2
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+
     for stage in stages:
         for name in names:
-            lr = DS_LRS[name]
-            torch.manual_seed(1)
-            model = tiny_clip()
-            opt = build_optimizer(model, {"name": name}, lr=lr, lr_tau=lr / 2, train_logit_scale=True)
-            sched = build_scheduler(opt, warmup_steps=2, total_steps=8, lr_min=0.0, tau_scheduler="const", tau_fn=None)
-            config = {
-                "train_batch_size": 8 * world,
-                "train_micro_batch_size_per_gpu": 8,
-                "zero_optimization": {"stage": stage},
-                "zero_allow_untested_optimizer": True,
-                "steps_per_print": 10**6,
-            }
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
-            enable_layerwise_lamb(engine)
-            losses, lrs = [], []
-            for _ in range(DS_STEPS):
-                lrs.append(engine.get_lr())
-                img, txt, scale = engine(images, tokens)
-                logits = scale * img @ txt.T
-                loss = (
-                    nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets)
-                ) / 2
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.item())
-            groups = [g.get("name") for g in engine.optimizer.param_groups]
+            engine = make_engine(stage, name)
+            losses: list[float] = []
+            lrs: list[list[float]] = []
+            train(engine, 3, losses, lrs)
+            tag = f"{stage}-{name}"
+            engine.save_checkpoint(ckpt_dir, tag=tag)
+            train(engine, DS_STEPS - 3, losses, lrs)
+            resumed = make_engine(stage, name)
+            resumed.load_checkpoint(ckpt_dir, tag=tag)
+            resumed_losses: list[float] = []
+            resumed_lrs: list[list[float]] = []
+            train(resumed, DS_STEPS - 3, resumed_losses, resumed_lrs)
             if int(os.environ["RANK"]) == 0:
-                print(json.dumps({"stage": stage, "name": name, "losses": losses, "lrs": lrs, "groups": groups}))
-                sys.stdout.flush()
+                groups = [g.get("name") for g in engine.optimizer.param_groups]
+                row = {"stage": stage, "name": name, "losses": losses, "lrs": lrs, "groups": groups}
+                print(json.dumps({**row, "resumed_losses": resumed_losses, "resumed_lrs": resumed_lrs}), flush=True)
 
 
 def free_port() -> int:
@@ -405,9 +424,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ds(stages: list[int], names: list[str], ranks: int) -> dict[tuple[int, str], dict]:
+def run_ds(stages: list[int], names: list[str], ranks: int, ckpt_dir: Path) -> dict[tuple[int, str], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = [",".join(map(str, stages)), ",".join(names)]
+    args = [",".join(map(str, stages)), ",".join(names), str(ckpt_dir)]
     if ranks == 1:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         cmd = [sys.executable, __file__, *args]
@@ -420,9 +439,9 @@ def run_ds(stages: list[int], names: list[str], ranks: int) -> dict[tuple[int, s
     return {(r["stage"], r["name"]): r for r in rows}
 
 
-def test_optimizers_in_deepspeed_engine() -> None:
+def test_optimizers_in_deepspeed_engine(tmp_path: Path) -> None:
     """Each optimizer trains at ZeRO 0, 2 and 3 under the schedule, and every stage takes the same steps."""
-    results = run_ds([0, 2, 3], list(DS_LRS), ranks=1)
+    results = run_ds([0, 2, 3], list(DS_LRS), ranks=1, ckpt_dir=tmp_path)
     assert sorted(results) == sorted((stage, name) for stage in (0, 2, 3) for name in DS_LRS)
     for (stage, name), r in results.items():
         lr = DS_LRS[name]
@@ -433,16 +452,21 @@ def test_optimizers_in_deepspeed_engine() -> None:
             assert lrs == pytest.approx([model_lr, model_lr, lr / 2], rel=1e-12), (stage, name, step)
         # ZeRO flattens the groups; LAMB's per-tensor trust ratio must survive that (enable_layerwise_lamb).
         assert r["losses"] == pytest.approx(results[0, name]["losses"], rel=1e-5), (stage, name)
+        # DeepSpeed checkpoints carry the optimizer and schedule state: the resumed run repeats steps 4-5.
+        assert r["resumed_lrs"] == r["lrs"][3:], (stage, name)
+        assert r["resumed_losses"] == pytest.approx(r["losses"][3:], rel=1e-6), (stage, name)
 
 
 @pytest.mark.slow
-def test_lamb_two_ranks_matches_one_rank() -> None:
+def test_lamb_two_ranks_matches_one_rank(tmp_path: Path) -> None:
     """At 2 ranks ZeRO-2/3 split tensors across ranks; the all-reduced trust ratios keep LAMB's steps."""
-    one = run_ds([0], ["lamb"], ranks=1)
-    two = run_ds([2, 3], ["lamb"], ranks=2)
+    one = run_ds([0], ["lamb"], ranks=1, ckpt_dir=tmp_path / "one")
+    two = run_ds([2, 3], ["lamb"], ranks=2, ckpt_dir=tmp_path / "two")
     for stage in (2, 3):
-        assert two[stage, "lamb"]["losses"] == pytest.approx(one[0, "lamb"]["losses"], rel=1e-5), stage
+        r = two[stage, "lamb"]
+        assert r["losses"] == pytest.approx(one[0, "lamb"]["losses"], rel=1e-5), stage
+        assert r["resumed_losses"] == pytest.approx(r["losses"][3:], rel=1e-6), stage
 
 
 if __name__ == "__main__":
-    ds_worker([int(x) for x in sys.argv[1].split(",")], sys.argv[2].split(","))
+    ds_worker([int(x) for x in sys.argv[1].split(",")], sys.argv[2].split(","), sys.argv[3])
