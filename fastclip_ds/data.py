@@ -68,7 +68,7 @@ def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     return num_samples // global_batch
 
 
-def expand_pattern(pattern: str) -> list[str]:
+def expand_urls(pattern: str) -> list[str]:
     """Shard URLs of a pattern: ``::``-joined parts, ``{a..b}`` braces, ``~`` and ``$WDS_*`` expansion."""
     urls = [os.path.expanduser(u) for u in wds.shardlists.expand_urls(pattern)]
     if not urls or not all(urls):
@@ -321,7 +321,7 @@ def train_loader(
         raise ValueError(f"start_step ({start_step}) must be in [0, {steps}] (steps per epoch)")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    urls = expand_pattern(pattern)
+    urls = expand_urls(pattern)
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} train shard(s) not found, e.g. {missing[0]}")

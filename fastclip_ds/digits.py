@@ -64,7 +64,7 @@ def train_pattern(root: str | Path, shard_size: int = DEFAULT_SHARD_SIZE) -> str
     return f"{Path(root).expanduser()}/train/{{{0:06d}..{last:06d}}}.tar"
 
 
-def eval_dir(root: str | Path) -> Path:
+def eval_root(root: str | Path) -> Path:
     """The CLIP_benchmark-style eval dataset root (holds ``classnames.txt`` and ``test/``)."""
     return Path(root).expanduser() / "eval"
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {NUM_TRAIN} train samples to {train_pattern(out, args.shard_size)}")
-    print(f"wrote {NUM_TEST} test samples to {eval_dir(out)} (CLIP_benchmark wds layout)")
+    print(f"wrote {NUM_TEST} test samples to {eval_root(out)} (CLIP_benchmark wds layout)")
     return 0
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip_ds.data import REASONS, expand_pattern, steps_per_epoch, train_loader
+from fastclip_ds.data import REASONS, expand_urls, steps_per_epoch, train_loader
 from fastclip_ds.digits import NUM_TRAIN, train_pattern
 
 TOKEN_LEN = 64
@@ -66,7 +66,7 @@ def pattern(digits_root: Path) -> str:
 def reference(pattern: str) -> dict[int, tuple[str, torch.Tensor]]:
     """key -> (caption, image tensor), read straight from the tars."""
     out = {}
-    for url in expand_pattern(pattern):
+    for url in expand_urls(pattern):
         with tarfile.open(url) as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar}
         for name, data in files.items():
@@ -271,7 +271,7 @@ def test_missing_shard_and_empty_pattern(tmp_path: Path) -> None:
 
 def test_expand_pattern_braces_joins_and_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    urls = expand_pattern("~/a/{00..02}.tar::/b/x-{1..2}.tar")
+    urls = expand_urls("~/a/{00..02}.tar::/b/x-{1..2}.tar")
     assert urls == [f"{tmp_path}/a/00.tar", f"{tmp_path}/a/01.tar", f"{tmp_path}/a/02.tar", "/b/x-1.tar", "/b/x-2.tar"]
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from fastclip_ds import digits
-from fastclip_ds.data import expand_pattern
+from fastclip_ds.data import expand_urls
 
 
 def _members(path: Path) -> dict[str, bytes]:
@@ -27,7 +27,7 @@ def _members(path: Path) -> dict[str, bytes]:
 
 def _train_samples(root: Path) -> list[dict]:
     out = []
-    for url in expand_pattern(digits.train_pattern(root)):
+    for url in expand_urls(digits.train_pattern(root)):
         files = _members(Path(url))
         for name in sorted(n for n in files if n.endswith(".json")):
             stem = name[: -len(".json")]
@@ -55,7 +55,7 @@ def _nearest_centroid_accuracy(pngs: list[bytes], labels: list[int]) -> float:
 
 
 def test_train_shards_img2dataset_layout(digits_root: Path) -> None:
-    shards = expand_pattern(digits.train_pattern(digits_root))
+    shards = expand_urls(digits.train_pattern(digits_root))
     assert [Path(s).name for s in shards] == [f"{i:06d}.tar" for i in range(14)]
     sizes = json.loads((digits_root / "train" / "sizes.json").read_text())
     assert sizes == {f"{i:06d}.tar": 100 for i in range(14)}
@@ -86,7 +86,7 @@ def test_train_captions(digits_root: Path) -> None:
 
 
 def test_eval_split_clip_benchmark_layout(digits_root: Path) -> None:
-    ev = digits.eval_dir(digits_root)
+    ev = digits.eval_root(digits_root)
     assert (ev / "classnames.txt").read_text().splitlines() == list(digits.CLASSNAMES)
     templates = (ev / "zeroshot_classification_templates.txt").read_text().splitlines()
     assert templates == list(digits.EVAL_TEMPLATES) and all("{c}" in t for t in templates)
