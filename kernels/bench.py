@@ -1,0 +1,316 @@
+"""Micro-benchmark: forward + backward of a whole single-process loss per implementation.
+
+    python -m fastclip_kernels.bench --device cpu --batch 8192 --dim 512 --impl chunked,dense,openclip
+
+Implementations: ``chunked``, ``dense``, ``triton`` (this package, through ``clip_loss`` or
+``fastclip_surrogate``) and ``openclip`` (open_clip's ``ClipLoss``, the peer; it always computes
+the CLIP loss, also under ``--loss fastclip``). Reported per (impl, B, d): median milliseconds,
+achieved TFLOP/s counted as 4 GEMM-equivalents (8·B²·d, the floor for a symmetric loss), that
+rate as % of a B×d @ d×B matmul measured in the same run, and peak memory beyond the inputs:
+on CUDA ``max_memory_allocated`` minus the allocation before the step; on CPU the high-water mark
+of bytes allocated through torch's CPU allocator during one step (replayed from the profiler's
+allocation events, ``profile_memory=True``): tensor bytes, comparable to the CUDA number, not RSS.
+Both include the two feature-gradient tensors the step produces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import clip_loss, fastclip_surrogate, triton_module
+
+IMPLS = ("chunked", "dense", "triton", "openclip")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CSV_COLUMNS = ["impl", "B", "d", "device", "ms", "tflops", "peak_mem_bytes"]
+_TORCHVISION_SCHEMAS: torch.library.Library | None = None  # kept alive: the declarations die with it
+EXTRA_COLUMNS = ["dtype", "loss", "pct_matmul", "matmul_tflops", "time_vs_openclip", "mem_vs_openclip", "status"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"expected integers >= 2, got {text!r}")
+    return values
+
+
+def _impl_list(text: str) -> list[str]:
+    impls = [v for v in text.split(",") if v]
+    bad = [v for v in impls if v not in IMPLS]
+    if bad or not impls:
+        raise argparse.ArgumentTypeError(f"unknown impl {bad or text!r}; choose from {','.join(IMPLS)}")
+    return impls
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastclip_kernels.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=_int_list, default=[8192], help="comma-separated B values")
+    p.add_argument("--dim", type=_int_list, default=[512], help="comma-separated d values")
+    p.add_argument("--impl", type=_impl_list, default=["chunked", "dense", "openclip"], help=",".join(IMPLS))
+    p.add_argument("--loss", choices=["clip", "fastclip"], default="clip")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--repeats", type=int, default=5, help="timed forward+backward steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--csv", type=Path, help="write one row per (impl, B, d)")
+    p.add_argument("--markdown", type=Path, help="write a markdown table")
+    p.add_argument("--plot", type=Path, help="write a PNG (time and memory vs B)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False")
+    if "triton" in args.impl and args.device != "cuda":
+        p.error("--impl triton needs --device cuda (on CPU it would run in the Triton interpreter)")
+    if "triton" in args.impl and triton_module() is None:
+        p.error("--impl triton: triton does not import")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def import_open_clip():
+    """open_clip, or None if it is not installed.
+
+    If the import fails on torchvision's ``nms``/``qnms`` fake-kernel registrations (its CUDA-only
+    0.28 build beside a CPU torch), declares those two schemas and imports again.
+    """
+    for attempt in range(2):
+        try:
+            return importlib.import_module("open_clip")
+        except ModuleNotFoundError:
+            return None
+        except RuntimeError as err:
+            if attempt or "torchvision::nms does not exist" not in str(err):
+                raise
+        for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "open_clip")]:
+            del sys.modules[name]
+        global _TORCHVISION_SCHEMAS
+        _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            _TORCHVISION_SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return None
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """High-water mark of torch CPU-allocator bytes allocated while ``fn`` runs (profiler allocation events)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        if ev.tag == _EventType.Allocation and ev.extra_fields.device.type == "cpu":
+            sizes.append((ev.start_time_ns, ev.extra_fields.alloc_size))
+        stack.extend(ev.children)
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    if device == "cpu":
+        return cpu_peak_bytes(fn)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def make_step(impl: str, loss: str, b: int, d: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
+    """A closure running one forward + backward on fresh unit-norm features (grads reset each call)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    feats = [torch.randn(b, d, generator=gen, device=device) for _ in range(2)]
+    x, y = (torch.nn.functional.normalize(f, dim=-1).to(dtype).requires_grad_() for f in feats)
+    temp = torch.tensor([0.07], device=device, requires_grad=True)  # τ; the CLIP multiplier is 1/τ
+    log_u = torch.zeros(b, device=device)
+    if impl == "openclip":
+        open_clip = import_open_clip()
+        peer = open_clip.ClipLoss()
+
+        def forward():
+            return peer(x, y, 1.0 / temp)
+    elif loss == "clip":
+
+        def forward():
+            return clip_loss(x, y, 1.0 / temp, impl=impl)
+    else:
+
+        def forward():
+            return fastclip_surrogate(x, y, log_u, log_u, temp, 1e-6, impl=impl)
+
+    def step() -> None:
+        x.grad = y.grad = temp.grad = None
+        forward().backward()
+
+    return step
+
+
+def matmul_tflops(b: int, d: int, dtype: torch.dtype, device: str, repeats: int, warmup: int) -> float:
+    a = torch.randn(b, d, device=device).to(dtype)
+    c = torch.randn(d, b, device=device).to(dtype)
+    ms = median_ms(lambda: a @ c, device, repeats, warmup)
+    return 2 * b * b * d / (ms * 1e-3) / 1e12
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {torch.get_num_threads()} torch threads"
+
+
+def _is_oom(err: Exception) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """One row per (B, d, impl), with the matmul rate and the ratios to the ``openclip`` row."""
+    impls = list(args.impl)
+    if "openclip" in impls and import_open_clip() is None:
+        print("open_clip is not installed: skipping the openclip peer", file=sys.stderr)
+        impls.remove("openclip")
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for b in args.batch:
+        for d in args.dim:
+            mm = matmul_tflops(b, d, dtype, args.device, args.repeats, args.warmup)
+            group = []
+            for impl in impls:
+                row = {"impl": impl, "B": b, "d": d, "device": args.device, "dtype": args.dtype, "loss": args.loss}
+                row.update(ms=float("nan"), tflops=float("nan"), peak_mem_bytes=-1, matmul_tflops=mm, status="ok")
+                try:
+                    step = make_step(impl, args.loss, b, d, dtype, args.device)
+                    row["peak_mem_bytes"] = peak_bytes(step, args.device)
+                    row["ms"] = median_ms(step, args.device, args.repeats, args.warmup)
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_oom(err):
+                        raise
+                    row["status"] = "oom"
+                    step = None
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                row["tflops"] = 8 * b * b * d / (row["ms"] * 1e-3) / 1e12
+                row["pct_matmul"] = 100 * row["tflops"] / mm
+                print(_progress(row), file=sys.stderr, flush=True)
+                group.append(row)
+            peer = next((r for r in group if r["impl"] == "openclip" and r["status"] == "ok"), None)
+            for r in group:
+                r["time_vs_openclip"] = r["ms"] / peer["ms"] if peer else float("nan")
+                r["mem_vs_openclip"] = r["peak_mem_bytes"] / peer["peak_mem_bytes"] if peer else float("nan")
+            rows.extend(group)
+    return rows
+
+
+def _progress(r: dict) -> str:
+    return (
+        f"{r['impl']:>8} B={r['B']} d={r['d']}: {r['ms']:.1f} ms, {r['tflops']:.3f} TFLOP/s "
+        f"({r['pct_matmul']:.0f}% of matmul), peak {r['peak_mem_bytes'] / 2**20:.1f} MiB [{r['status']}]"
+    )
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS + EXTRA_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    head = [
+        f"Device: {device_name(args.device)}; torch {torch.__version__}; {args.dtype}; loss `{args.loss}`; "
+        f"median of {args.repeats} forward+backward steps; {datetime.date.today().isoformat()}.",
+        "TFLOP/s counts 8·B²·d (4 GEMM-equivalents); % matmul is against a B×d @ d×B matmul measured in the same run.",
+        "",
+        "| impl | B | d | ms | TFLOP/s | % matmul | peak MiB | time × openclip | memory × openclip |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    body = [
+        f"| {r['impl']} | {r['B']} | {r['d']} | {r['ms']:.1f} | {r['tflops']:.3f} | {r['pct_matmul']:.0f} | "
+        f"{r['peak_mem_bytes'] / 2**20:.1f} | {r['time_vs_openclip']:.2f} | {r['mem_vs_openclip']:.3f} |"
+        for r in rows
+    ]
+    return "\n".join(head + body) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    for impl, d in sorted({(r["impl"], r["d"]) for r in rows}):
+        pts = sorted((r["B"], r["ms"], r["peak_mem_bytes"] / 2**20) for r in rows if (r["impl"], r["d"]) == (impl, d))
+        bs = [p[0] for p in pts]
+        ax_t.plot(bs, [p[1] for p in pts], "o-", label=f"{impl} d={d}")
+        ax_m.plot(bs, [p[2] for p in pts], "o-", label=f"{impl} d={d}")
+    for ax, label in ((ax_t, "forward+backward (ms)"), (ax_m, "peak memory beyond inputs (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="batch B", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    table = markdown(rows, args)
+    print(table)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.plot:
+        plot(rows, args.plot, f"{device_name(args.device)} · {args.dtype} · {args.loss}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
