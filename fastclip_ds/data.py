@@ -187,6 +187,7 @@ class _EpochStream(IterableDataset):
         # global: group whole global batches, keep this rank's rows; rank: group local batches.
         self.group = global_batch if split == "global" else self.local_batch
         self.first_row = rank * self.local_batch if split == "global" else 0
+        self.seed_row = rank * self.local_batch  # this rank's first row in the global batch, for augmentation seeds
         self.counts = counts  # [workers, len(REASONS)], shared memory: worker w writes row w
         self._warned: set[str] = set()
 
@@ -244,7 +245,7 @@ class _EpochStream(IterableDataset):
         images = []
         with torch.random.fork_rng(devices=[]):
             for i, raw in enumerate(rows):
-                torch.default_generator.manual_seed(_row_seed(self.seed, self.epoch, step, self.first_row + i))
+                torch.default_generator.manual_seed(_row_seed(self.seed, self.epoch, step, self.seed_row + i))
                 images.append(self.image_transform(self._image(raw, worker)))
         tokens = self.tokenizer([r.caption for r in rows])
         keys = torch.tensor([r.key for r in rows], dtype=torch.int64)

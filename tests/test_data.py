@@ -156,6 +156,11 @@ def test_rank_split_gives_disjoint_shards(pattern: str, reference: dict) -> None
     assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(14))
     assert sorted(keys[0] + keys[1]) == list(range(NUM_TRAIN))
     assert_rows_match(per_rank[0][0], reference)
+    firsts = [
+        load(pattern, world_size=2, rank=r, split="rank", num_samples=200, image_transform=noisy)[0] for r in range(2)
+    ]
+    offsets = [float((images[0] - reference[int(keys[0])][1]).mean()) for images, _, keys in firsts]
+    assert offsets[0] != offsets[1]  # ranks draw different augmentations
     with pytest.raises(ValueError, match="needs >= world_size\\*num_workers = 16 shards, got 14"):
         train_loader(pattern, **(_required() | {"world_size": 4, "split": "rank", "num_workers": 4}))
 
