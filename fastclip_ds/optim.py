@@ -21,10 +21,13 @@ AdamW and SGD are torch's; SGD's ``weight_decay`` is torch's L2 term added to th
 
 Schedule (:class:`LRSchedule`), indexed by the optimizer step t about to be taken (t = 0, 1, ...), as
 OpenCLIP/FastCLIP: warm-up ``lr·(t+1)/W`` for t < W, then ``cosine`` ``lr_min + ½(1 + cos(π(t−W)/(T−W)))
-(lr − lr_min)`` (held at ``lr_min`` from T on) or ``const`` ``lr``. The ``logit_scale`` group has its own
+(lr − lr_min)`` (held at ``lr_min`` from T on) or ``const`` ``lr`` (after the same warm-up, as OpenCLIP;
+FastCLIP's script skips it, so set W = 0 to reproduce that). The ``logit_scale`` group has its own
 rule: ``cosine`` (the model's warm-up and cosine with base ``lr_tau``), ``const`` (``lr_tau``, no warm-up) or
 ``step_thresh`` (``lr_tau``, no warm-up, times 1/3 while the current τ ≤ 0.03). As in the public code,
 step_thresh re-reads τ at every step: if τ climbs back above 0.03, the lr returns to ``lr_tau``.
+DeepSpeed calls ``step()`` after the optimizer step, so ``tau_fn`` sees the updated (and clamped) τ;
+under ZeRO-3 the one-element ``logit_scale`` stays whole (below the persistence threshold).
 """
 
 from __future__ import annotations

@@ -19,9 +19,11 @@ from torch import nn
 from fastclip_ds.compat import import_open_clip
 from fastclip_ds.optim import (
     DEFAULTS,
+    FlatLayout,
     Lamb,
     Lion,
     LRSchedule,
+    _partition_layout,
     build_optimizer,
     build_scheduler,
     enable_layerwise_lamb,
@@ -106,6 +108,33 @@ def test_lamb_matches_formula(n_steps: int) -> None:
         assert float((params[0].detach() - initial[0]).norm()) == pytest.approx(
             lr * float(initial[0].norm()), rel=1e-12
         )
+
+
+def test_lamb_flat_layout_matches_separate_tensors() -> None:
+    """A ZeRO-style flat tensor (two tensors plus padding) with its layout steps like the tensors themselves."""
+    params, grads = fixed_problem(seed=3)
+    w, b = params[0], params[1]
+    pad2, pad1 = torch.zeros(2, dtype=F64), torch.zeros(1, dtype=F64)
+    flat = nn.Parameter(torch.cat([w.detach().reshape(-1), pad2, b.detach(), pad1]))
+    separate = Lamb([w, b], lr=0.01, weight_decay=0.1)
+    packed = Lamb([flat], lr=0.01, weight_decay=0.1)
+    packed.layouts[id(flat)] = FlatLayout([12, 2, 4, 1], [0, 2, 1, 2], 2, None)
+    for gw, gb, _ in grads:
+        w.grad, b.grad = gw.clone(), gb.clone()
+        flat.grad = torch.cat([gw.reshape(-1), pad2, gb, pad1])
+        separate.step()
+        packed.step()
+    expected = torch.cat([w.detach().reshape(-1), pad2, b.detach(), pad1])
+    torch.testing.assert_close(flat.detach(), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("start", "lengths", "layers"),
+    [(4, [2, 2, 8], [0, 3, 1]), (16, [2, 2, 3, 5], [1, 3, 2, 3]), (0, [6, 2, 4], [0, 3, 1])],
+)
+def test_partition_layout(start: int, lengths: list[int], layers: list[int]) -> None:
+    """Tensors of 6, 10 and 3 elements at offsets 0, 8, 20 (padding between); 12-element partitions."""
+    assert _partition_layout([0, 8, 20], [6, 10, 3], start, 12) == (lengths, layers)
 
 
 @pytest.mark.parametrize("n_steps", [1, 3])
