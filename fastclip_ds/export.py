@@ -80,7 +80,7 @@ def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     if wrong:
         raise ValueError(f"checkpoint does not match open_clip model {name!r} at {len(wrong)} key(s), e.g. {wrong[:3]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    epoch = meta.get("epoch")
+    epoch = (meta.get("position") or {}).get("epoch")  # the train loop's client state: {"position": {...}}
     torch.save(
         {
             "state_dict": {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in sd.items()},

@@ -45,7 +45,7 @@ def _train_and_save(root: str, port: int) -> None:
         engine.backward(loss)
         engine.step()
         run_dir = f"{root}/run-{stage}-{dtype}"
-        engine.save_checkpoint(f"{run_dir}/checkpoints", tag="step1", client_state={"epoch": 2})
+        engine.save_checkpoint(f"{run_dir}/checkpoints", tag="step1", client_state={"position": {"epoch": 2}})
         engine.eval()
         with torch.no_grad():
             out = engine(images, tokens)
