@@ -11,7 +11,9 @@ Load the result with open_clip alone (the JSON's file stem becomes the model nam
     open_clip.add_model_config("model.json")
     model, _, preprocess = open_clip.create_model_and_transforms("model", pretrained="model.pt")
 
-CLIP_benchmark takes it the same way (``--model model --pretrained model.pt`` after registering the JSON).
+Tools that load through that call (CLIP_benchmark's ``--model model --pretrained model.pt``) need the JSON
+registered in their process: call ``add_model_config`` first, or copy ``model.json`` into open_clip's
+``model_configs/`` directory.
 """
 
 from __future__ import annotations
