@@ -122,6 +122,9 @@ def test_bad_splits(tmp_path):
     (root / "test" / "nshards.txt").write_text("2\n")
     with pytest.raises(FileNotFoundError, match=r"lists 2 shards but .*1\.tar is missing"):
         read_split(root)
+    root = write_split(tmp_path / "empty", ["a", "b"], ["{c}"], [], 1)
+    with pytest.raises(ValueError, match="no samples"):
+        zeroshot_eval(stub, stub.tokenize, pixel_id, root)
     root = write_split(tmp_path / "label", ["a", "b"], ["{c}"], [0, 1, 2], 1)
     with pytest.raises(ValueError, match=r"label 2 outside 0\.\.1"):
         zeroshot_eval(stub, stub.tokenize, pixel_id, root)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -70,10 +70,10 @@ def zeroshot_classifier(
     return torch.stack(columns, dim=1)
 
 
-def _batches(shards: list[str], transform: Callable, batch_size: int):
+def _batches(shards: list[str], transform: Callable, batch_size: int) -> Iterable[tuple[torch.Tensor, list[int]]]:
     import webdataset as wds
 
-    dataset = (
+    return (
         # every shard on this process, even inside a distributed job (rank 0 evaluates for everyone)
         wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
         .decode("pil")
@@ -81,7 +81,6 @@ def _batches(shards: list[str], transform: Callable, batch_size: int):
         .map_tuple(transform, int)  # webdataset decodes .cls to int
         .batched(batch_size, partial=True)
     )
-    yield from dataset
 
 
 def zeroshot_eval(
