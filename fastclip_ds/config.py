@@ -17,7 +17,7 @@ from typing import Any
 DEFAULT_SOURCE = "<defaults>"
 SET_SOURCE = "--set"
 
-# Keys whose default is null: the type a non-null value must have.
+# Keys that may be null: the type a non-null value must have.
 NULLABLE: dict[str, type | tuple[type, ...]] = {
     "data.dataset_size": int,
     "train.max_steps": int,
@@ -25,10 +25,18 @@ NULLABLE: dict[str, type | tuple[type, ...]] = {
     "loss.lr_tau": (int, float),
 }
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.split": ("global", "rank"),
-    "train.lr_scheduler": ("cosine", "const"),
-}
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the enumerated keys, the loss and optimizer ones from their modules."""
+    from . import losses, optim
+
+    return {
+        "data.split": ("global", "rank"),
+        "train.lr_scheduler": ("cosine", "const"),
+        "optimizer.name": optim.OPTIMIZERS,
+        **{f"loss.{k}": v for k, v in losses.CHOICES.items()},
+    }
 
 
 class ConfigError(ValueError):
@@ -156,20 +164,20 @@ def _type_name(t: type | tuple[type, ...]) -> str:
 
 
 def _check_types(cfg: RunConfig, defaults: dict[str, Any]) -> None:
+    allowed = choices()
     for key, default in _flatten(defaults):
         section, _, leaf = key.partition(".")
         value = cfg.values[section][leaf]
-        if default is None:
-            expected = NULLABLE.get(key)
-            if value is None or expected is None:
-                continue
-        else:
-            expected = (int, float) if isinstance(default, float) else type(default)
+        if value is None and (default is None or key in NULLABLE):
+            continue
+        expected = NULLABLE.get(key) if default is None else (int, float) if isinstance(default, float) else type(default)
+        if expected is None:
+            continue
         ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, (int, float)))
         if not ok:
             raise cfg.error(key, f"expected {_type_name(expected)}, got {value!r}")
-        if key in CHOICES and value not in CHOICES[key]:
-            raise cfg.error(key, f"{value!r} is not one of {', '.join(CHOICES[key])}")
+        if key in allowed and value not in allowed[key]:
+            raise cfg.error(key, f"{value!r} is not one of {', '.join(allowed[key])}")
 
 
 def validate(cfg: RunConfig, world_size: int) -> None:
@@ -203,6 +211,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise cfg.error("data.dataset_size", f"must be positive or null, got {data['dataset_size']!r}")
     if not 1 <= data["num_workers"] <= 16 and data["num_workers"] != 0:
         raise cfg.error("data.num_workers", f"must be between 0 and 16, got {data['num_workers']!r}")
+    if train["lr_scheduler"] == "cosine" and total_steps(cfg) <= train["warmup_steps"]:
+        raise cfg.error(
+            "train.warmup_steps", f"{train['warmup_steps']} must be below the run's {total_steps(cfg)} steps for cosine"
+        )
     if not data["train"].strip():
         raise cfg.error("data.train", "empty shard pattern")
 

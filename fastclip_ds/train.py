@@ -105,7 +105,7 @@ class Trainer:
         from .losses import build_loss
         from .metrics import MetricsLogger
         from .model import create_model
-        from .optim import build_optimizer, build_scheduler
+        from .optim import build_optimizer, build_scheduler, enable_layerwise_lamb
 
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
         self.ckpt_dir = run_dir / "checkpoints"
@@ -115,10 +115,12 @@ class Trainer:
         self.dtype = precision_dtype(ds_config)
         self.steps_per_epoch = steps_per_epoch(cfg["data"]["num_samples"], train["global_batch_size"])
         self.total_steps = total_steps(cfg)
+        self.last_tau = cfg["loss"]["temperature"]
 
         self.bundle = create_model(cfg["model"]["config"], init_temperature=cfg["loss"]["temperature"],
                                    seed=train["seed"])
-        self.loss_fn = build_loss(cfg["loss"], dataset_size=dataset_size(cfg), steps_per_epoch=self.steps_per_epoch)
+        self.loss_fn = build_loss(cfg["loss"], dataset_size=dataset_size(cfg), steps_per_epoch=self.steps_per_epoch,
+                                  lr=train["lr"])
         model = self.bundle.model
         lr_tau = cfg["loss"]["lr_tau"]
         optimizer = build_optimizer(model, cfg["optimizer"], lr=train["lr"], lr_tau=lr_tau,
@@ -130,10 +132,10 @@ class Trainer:
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config)
+        enable_layerwise_lamb(self.engine)
         self.loss_fn.to(self.device)
         self.metrics = MetricsLogger(run_dir, enabled=rank == 0)
         self.pos = Position()
-        self.last_tau = cfg["loss"]["temperature"]
 
     def tau(self) -> float:
         return self.last_tau
@@ -162,7 +164,7 @@ class Trainer:
         result = self.loss_fn(out["image_features"], out["text_features"], logit_scale, keys.to(self.device))
         self.engine.backward(result["loss"])
         self.engine.step()
-        values = {k: float(v) for k, v in result.items()}
+        values = {k: float(v.detach()) for k, v in result.items()}
         self.last_tau = values.get("tau", self.last_tau)
         return values
 
@@ -208,6 +210,7 @@ class Trainer:
                     break
             else:
                 self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
+            self.metrics.log(self.pos.global_step, "data", loader.stats())
         bar.close()
         self.save()
         return self.evaluate()
