@@ -230,3 +230,16 @@ def test_key_outside_state_is_a_clear_error() -> None:
     x, t = features(4, 3, seed=0)
     with pytest.raises(ValueError, match=r"key out of range \[0, 64\)"):
         run_step(make_loss("fastclip_v3"), x, t, torch.zeros(1, dtype=torch.float64), torch.tensor([1, 2, 3, 64]))
+
+
+@pytest.mark.parametrize("name", ["openclip", "fastclip_v2", "fastclip_v3"])
+def test_loss_impl_is_passed_to_the_kernels(name: str) -> None:
+    """The dense and chunked kernels give the same float32 gradients (Triton is checked in test_kernels_triton:
+    under the CPU interpreter it only works if nothing imported triton before TRITON_INTERPRET was set)."""
+    x, t = features(8, 16, seed=4, dtype=torch.float32)
+    logit_scale = torch.tensor([math.log(1 / 0.05)])
+    grads = {}
+    for impl in ("dense", "chunked"):
+        _, dx, dt, dlam = run_step(make_loss(name, impl=impl), x, t, logit_scale, torch.arange(8))
+        grads[impl] = torch.cat([dx.flatten(), dt.flatten(), torch.zeros(1) if dlam is None else dlam])
+    assert rel_err(grads["chunked"], grads["dense"]) < 1e-5
