@@ -233,13 +233,19 @@ def test_key_outside_state_is_a_clear_error() -> None:
 
 
 @pytest.mark.parametrize("name", ["openclip", "fastclip_v2", "fastclip_v3"])
-def test_loss_impl_is_passed_to_the_kernels(name: str) -> None:
-    """The dense and chunked kernels give the same float32 gradients (Triton is checked in test_kernels_triton:
-    under the CPU interpreter it only works if nothing imported triton before TRITON_INTERPRET was set)."""
+def test_loss_impl_is_passed_to_the_kernels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel call of forward and backward uses ``loss.impl``; dense and chunked give the same gradients."""
+    import fastclip_kernels.dispatch as dispatch
+
+    seen: list[str] = []
+    resolve = dispatch.resolve_impl
+    monkeypatch.setattr(dispatch, "resolve_impl", lambda impl, x: seen.append(impl) or resolve(impl, x))
     x, t = features(8, 16, seed=4, dtype=torch.float32)
     logit_scale = torch.tensor([math.log(1 / 0.05)])
     grads = {}
     for impl in ("dense", "chunked"):
+        seen.clear()
         _, dx, dt, dlam = run_step(make_loss(name, impl=impl), x, t, logit_scale, torch.arange(8))
+        assert len(seen) == 4 and set(seen) == {impl}  # two block_stats + two block_grads
         grads[impl] = torch.cat([dx.flatten(), dt.flatten(), torch.zeros(1) if dlam is None else dlam])
     assert rel_err(grads["chunked"], grads["dense"]) < 1e-5
