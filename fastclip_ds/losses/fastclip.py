@@ -63,7 +63,9 @@ coefficients of its local image anchors and column coefficients of all N text an
 symmetrically gives d t (one ``block_grads`` each). The surrogate of rank r is scaled by K, so DeepSpeed's
 average over ranks of the parameter gradients is the exact global gradient; the τ-gradient comes only
 from the local anchors' rows (``∂/∂θ Σ_j exp(θ S_aj - b_a) = exp(lse_a - b_a)(m_a - s_a)`` with ``b_a``
-depending on θ through ``θ s_a``), so nothing is counted twice.
+depending on θ through ``θ s_a``), so nothing is counted twice. Per rank, a negative (a, j) therefore
+carries ``K α_a θ_a exp(θ_a d_aj) / ((N-1)(ε+u_a))``; for GCL that is ``θ exp(θ d_aj) / (2 B (N-1)(ε+u_a))``,
+the public code's part-2 normaliser ``B (KB-1)/KB`` applied after its mean over the KB anchors, times ½.
 
 Duplicate keys in one global batch: every occurrence is its own anchor (its own g, its copies are
 ordinary negatives of each other, as in the public code), but the state update is per KEY: g is averaged
