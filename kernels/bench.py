@@ -19,6 +19,7 @@ import argparse
 import csv
 import datetime
 import importlib
+import math
 import platform
 import statistics
 import sys
@@ -34,7 +35,16 @@ IMPLS = ("chunked", "dense", "triton", "openclip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CSV_COLUMNS = ["impl", "B", "d", "device", "ms", "tflops", "peak_mem_bytes"]
 _TORCHVISION_SCHEMAS: torch.library.Library | None = None  # kept alive: the declarations die with it
-EXTRA_COLUMNS = ["dtype", "loss", "pct_matmul", "matmul_tflops", "time_vs_openclip", "mem_vs_openclip", "status"]
+EXTRA_COLUMNS = [
+    "dtype",
+    "loss",
+    "cpu_ms",
+    "pct_matmul",
+    "matmul_tflops",
+    "time_vs_openclip",
+    "mem_vs_openclip",
+    "status",
+]
 
 
 def _int_list(text: str) -> list[int]:
@@ -109,17 +119,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> float:
+def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median wall-clock and process-CPU milliseconds of ``fn`` (CPU time: robust to other jobs on the cores)."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
@@ -186,7 +198,7 @@ def make_step(impl: str, loss: str, b: int, d: int, dtype: torch.dtype, device: 
 def matmul_tflops(b: int, d: int, dtype: torch.dtype, device: str, repeats: int, warmup: int) -> float:
     a = torch.randn(b, d, device=device).to(dtype)
     c = torch.randn(d, b, device=device).to(dtype)
-    ms = median_ms(lambda: a @ c, device, repeats, warmup)
+    ms = median_ms(lambda: a @ c, device, repeats, warmup)[0]
     return 2 * b * b * d / (ms * 1e-3) / 1e12
 
 
@@ -205,40 +217,41 @@ def _is_oom(err: Exception) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
+def measure(impl: str, b: int, d: int, args: argparse.Namespace) -> dict:
+    """One (impl, B, d) row: peak memory of one step, then median times; ``status`` "oom" if it does not fit."""
+    row = {"impl": impl, "B": b, "d": d, "device": args.device, "dtype": args.dtype, "loss": args.loss}
+    row.update(ms=math.nan, cpu_ms=math.nan, peak_mem_bytes=-1, status="ok")
+    try:
+        step = make_step(impl, args.loss, b, d, DTYPES[args.dtype], args.device)
+        row["peak_mem_bytes"] = peak_bytes(step, args.device)
+        row["ms"], row["cpu_ms"] = median_ms(step, args.device, args.repeats, args.warmup)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+        row["status"] = "oom"
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    row["tflops"] = 8 * b * b * d / (row["ms"] * 1e-3) / 1e12
+    return row
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """One row per (B, d, impl), with the matmul rate and the ratios to the ``openclip`` row."""
     impls = list(args.impl)
     if "openclip" in impls and import_open_clip() is None:
         print("open_clip is not installed: skipping the openclip peer", file=sys.stderr)
         impls.remove("openclip")
-    dtype = DTYPES[args.dtype]
     rows = []
     for b in args.batch:
         for d in args.dim:
-            mm = matmul_tflops(b, d, dtype, args.device, args.repeats, args.warmup)
-            group = []
-            for impl in impls:
-                row = {"impl": impl, "B": b, "d": d, "device": args.device, "dtype": args.dtype, "loss": args.loss}
-                row.update(ms=float("nan"), tflops=float("nan"), peak_mem_bytes=-1, matmul_tflops=mm, status="ok")
-                try:
-                    step = make_step(impl, args.loss, b, d, dtype, args.device)
-                    row["peak_mem_bytes"] = peak_bytes(step, args.device)
-                    row["ms"] = median_ms(step, args.device, args.repeats, args.warmup)
-                except (torch.OutOfMemoryError, RuntimeError) as err:
-                    if not _is_oom(err):
-                        raise
-                    row["status"] = "oom"
-                    step = None
-                    if args.device == "cuda":
-                        torch.cuda.empty_cache()
-                row["tflops"] = 8 * b * b * d / (row["ms"] * 1e-3) / 1e12
-                row["pct_matmul"] = 100 * row["tflops"] / mm
-                print(_progress(row), file=sys.stderr, flush=True)
-                group.append(row)
+            mm = matmul_tflops(b, d, DTYPES[args.dtype], args.device, args.repeats, args.warmup)
+            group = [measure(impl, b, d, args) for impl in impls]
             peer = next((r for r in group if r["impl"] == "openclip" and r["status"] == "ok"), None)
             for r in group:
-                r["time_vs_openclip"] = r["ms"] / peer["ms"] if peer else float("nan")
-                r["mem_vs_openclip"] = r["peak_mem_bytes"] / peer["peak_mem_bytes"] if peer else float("nan")
+                r["matmul_tflops"], r["pct_matmul"] = mm, 100 * r["tflops"] / mm
+                r["time_vs_openclip"] = r["ms"] / peer["ms"] if peer else math.nan
+                r["mem_vs_openclip"] = r["peak_mem_bytes"] / peer["peak_mem_bytes"] if peer else math.nan
+                print(_progress(r), file=sys.stderr, flush=True)
             rows.extend(group)
     return rows
 
@@ -261,13 +274,15 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     head = [
         f"Device: {device_name(args.device)}; torch {torch.__version__}; {args.dtype}; loss `{args.loss}`; "
         f"median of {args.repeats} forward+backward steps; {datetime.date.today().isoformat()}.",
+        "CPU ms: process CPU time of a step, all threads (includes OpenMP spin-waits when threads > 1).",
         "TFLOP/s counts 8·B²·d (4 GEMM-equivalents); % matmul is against a B×d @ d×B matmul measured in the same run.",
         "",
-        "| impl | B | d | ms | TFLOP/s | % matmul | peak MiB | time × openclip | memory × openclip |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| impl | B | d | ms | CPU ms | TFLOP/s | % matmul | peak MiB | time × openclip | memory × openclip |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     body = [
-        f"| {r['impl']} | {r['B']} | {r['d']} | {r['ms']:.1f} | {r['tflops']:.3f} | {r['pct_matmul']:.0f} | "
+        f"| {r['impl']} | {r['B']} | {r['d']} | {r['ms']:.1f} | {r['cpu_ms']:.1f} | {r['tflops']:.3f} | "
+        f"{r['pct_matmul']:.0f} | "
         f"{r['peak_mem_bytes'] / 2**20:.1f} | {r['time_vs_openclip']:.2f} | {r['mem_vs_openclip']:.3f} |"
         for r in rows
     ]

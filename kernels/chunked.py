@@ -38,11 +38,16 @@ def _positives_in(c0: int, c1: int, m: int, diag_offset: int, device: torch.devi
 
 
 def _lse_mom(logits: Tensor, s: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Log-sum-exp of ``logits`` along ``dim`` and the softmax-weighted sum of ``s``; consumes ``logits``."""
-    lse = torch.logsumexp(logits, dim=dim)
-    shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # empty lines: exp(-inf - 0) = 0
-    p = logits.sub_(shift.unsqueeze(dim)).exp_()
-    return lse, p.mul_(s).sum(dim)
+    """Log-sum-exp of ``logits`` along ``dim`` and the softmax-weighted sum of ``s``; consumes ``logits``.
+
+    One max-shifted exp pass (the shifted sum is >= 1 on lines with an admissible entry).
+    """
+    top = logits.amax(dim, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # empty lines: exp(-inf - 0) = 0
+    p = logits.sub_(top).exp_()
+    total = p.sum(dim)
+    mom = torch.linalg.vecdot(p, s, dim=dim) / torch.where(total > 0, total, torch.ones_like(total))
+    return top.squeeze(dim) + total.log(), mom
 
 
 def _merge(lse: Tensor, mom: Tensor, lse_c: Tensor, mom_c: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,7 +124,7 @@ def block_grads(
         s = xs @ ys[c0:c1].T
         g = None
         if r is not None:
-            g = (s * r[0][:, None]).sub_(r[1][:, None]).exp_().mul_(r[2][:, None])
+            g = torch.addcmul(-r[1][:, None], s, r[0][:, None]).exp_().mul_(r[2][:, None])
         if c is not None:  # the last use of s: transform it in place
             t = s.mul_(c[0][None, c0:c1]).sub_(c[1][None, c0:c1]).exp_().mul_(c[2][None, c0:c1])
             g = t if g is None else g.add_(t)
