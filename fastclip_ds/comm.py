@@ -11,6 +11,9 @@ Byte counter: :func:`bytes_by_op` returns, per op name, the bytes *this rank sen
     all_gather      (K-1)/K * S   = (K-1) * local bytes
     reduce_scatter  (K-1)/K * S   (S = the full input)
     all_reduce      2(K-1)/K * S
+
+:func:`deepspeed_bytes_by_op` applies the same model to what DeepSpeed's own comms logger recorded (its
+parameter-gradient reduction and other engine collectives), when that logger is enabled.
 """
 
 from __future__ import annotations
@@ -40,6 +43,36 @@ def bytes_by_op() -> dict[str, int]:
 
 def reset_bytes() -> None:
     _BYTES.clear()
+
+
+def _ring_factors(k: int) -> dict[str, float]:
+    """Bytes sent per byte of DeepSpeed's logged message size (the ``tensor`` argument) for each raw op name."""
+    gather, scatter, reduce = k - 1, (k - 1) / k, 2 * (k - 1) / k
+    return {
+        "all_gather": gather,
+        "all_gather_into_tensor": gather,
+        "reduce_scatter": scatter,
+        "reduce_scatter_tensor": scatter,
+        "all_reduce": reduce,
+        "all_reduce_coalesced": reduce,
+    }
+
+
+def deepspeed_bytes_by_op() -> dict[str, int]:
+    """Ring-model bytes this rank sent per collective that DeepSpeed's comms logger recorded under the op's own
+    name (the engine's gradient reduction, parameter gathers, ...) since ``deepspeed.comm.reset_log()``.
+
+    Needs the logger on (DeepSpeed config ``"comms_logger": {"enabled": true, "prof_all": true}``); the ops of
+    this module carry their own names and are left out (they are in :func:`bytes_by_op`).
+    """
+    from deepspeed.comm.comm import comms_logger
+
+    factors = _ring_factors(world_size())
+    out: dict[str, int] = {}
+    for name, by_size in comms_logger.comms_dict.items():
+        if name in factors:
+            out[name] = round(factors[name] * sum(size * record[0] for size, record in by_size.items()))
+    return out
 
 
 def _count(op: str, sent: float) -> None:

@@ -18,13 +18,26 @@ def local_tensors(rank: int) -> list[torch.Tensor]:
 
 
 def comm_worker(rank: int, world: int) -> dict:
+    import deepspeed.comm as dist
+
+    dist.configure(enabled=True, prof_all=True)  # DeepSpeed's comms logger, as the engine would log its own ops
+    dist.reset_log()
     comm.reset_bytes()
     gathered = comm.all_gather_rows(local_tensors(rank), op="packed")
     x = torch.full((2, 3), float(rank + 1), requires_grad=True)
     xs = comm.gather_with_grad(x, op="feat")
     (xs * torch.arange(1.0, 2 * world + 1)[:, None]).sum().backward()  # row i of xs gets weight i + 1 on every rank
     total = comm.all_reduce_sum_(torch.full((5,), float(rank), dtype=torch.float64), op="sum")
-    return {"gathered": gathered, "xs": xs.detach(), "x_grad": x.grad, "sum": total, "bytes": comm.bytes_by_op()}
+    dist.all_reduce(torch.ones(6))  # an engine-style op under DeepSpeed's default log name
+    dist.all_reduce(torch.ones(6))
+    return {
+        "gathered": gathered,
+        "xs": xs.detach(),
+        "x_grad": x.grad,
+        "sum": total,
+        "bytes": comm.bytes_by_op(),
+        "ds_bytes": comm.deepspeed_bytes_by_op(),
+    }
 
 
 def test_single_process_is_identity() -> None:
@@ -56,3 +69,4 @@ def test_collectives_on_two_ranks() -> None:
             "feat_grad": (world - 1) * 2 * 3 * 4,  # reduce-scatter: (K-1)/K of the [K*2, 3] input
             "sum": 2 * (world - 1) * 5 * 8 // world,
         }
+        assert r["ds_bytes"] == {"all_reduce": 2 * 2 * (world - 1) * 6 * 4 // world}  # ours are not double counted
