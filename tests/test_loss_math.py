@@ -9,7 +9,7 @@ import torch
 from torch.nn.functional import normalize
 
 from fastclip_ds.compat import import_open_clip
-from fastclip_ds.losses import build_loss
+from fastclip_ds.losses import build_loss, resolve_config
 from fastclip_ds.losses.fastclip import gamma_at
 
 FASTCLIP = ["sogclr", "isogclr", "fastclip_v0", "fastclip_v1", "fastclip_v2", "fastclip_v3"]
@@ -209,6 +209,14 @@ def test_gamma_schedules() -> None:
     epoch_wise.set_epoch(2)
     assert epoch_wise.gamma() == pytest.approx(0.6)
     assert make_loss("sogclr", gamma=0.9).gamma() == 0.9
+
+
+def test_resolve_config_fills_auto() -> None:
+    assert resolve_config({"name": "sogclr"})["gamma_schedule"] == "constant"
+    assert resolve_config({"name": "fastclip_v1"})["gamma_schedule"] == "cosine"
+    assert resolve_config({"name": "fastclip_v3", "tau_scheduler": "auto"})["tau_scheduler"] == "step_thresh"
+    assert resolve_config({"name": "openclip", "tau_scheduler": "auto"})["tau_scheduler"] == "cosine"
+    assert resolve_config({"name": "openclip", "tau_scheduler": "const"})["tau_scheduler"] == "const"
 
 
 @pytest.mark.parametrize(

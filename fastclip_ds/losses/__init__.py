@@ -11,7 +11,8 @@ Config keys (the run config's ``loss`` section; :data:`DEFAULTS` lists them all)
     rho                 ρ of RGCL (fastclip_v2, fastclip_v3, isogclr)
     eps                 ε inside log(ε + g)
     lr_tau              τ learning rate; null = the model lr (the trainer passes it to build_loss as ``lr``)
-    tau_scheduler       schedule of the logit_scale learning rate (the trainer's): step_thresh | const | cosine
+    tau_scheduler       schedule of the logit_scale learning rate (the trainer's): step_thresh | const | cosine |
+                        auto (cosine = the model's warm-up + cosine for openclip and v0, step_thresh for v3)
     tau_min             lower clamp of τ (upper clamp 1)
     tau_beta1/2, tau_eps  per-sample τ Adam (fastclip_v2, isogclr)
 
@@ -51,10 +52,26 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "name": ("openclip", *OBJECTIVE),
     "impl": ("auto", "triton", "chunked", "dense"),
     "gamma_schedule": ("auto", *GAMMA_SCHEDULES),
-    "tau_scheduler": ("step_thresh", "const", "cosine"),
+    "tau_scheduler": ("auto", "step_thresh", "const", "cosine"),
 }
 
-__all__ = ["CHOICES", "DEFAULTS", "ContrastiveLoss", "FastClipLoss", "OpenClipLoss", "build_loss"]
+__all__ = ["CHOICES", "DEFAULTS", "ContrastiveLoss", "FastClipLoss", "OpenClipLoss", "build_loss", "resolve_config"]
+
+
+def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` over :data:`DEFAULTS`, validated, with every ``auto`` replaced by the value it stands for."""
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"loss.{sorted(unknown)[0]}: unknown key (known: {', '.join(DEFAULTS)})")
+    c = DEFAULTS | cfg
+    for key, choices in CHOICES.items():
+        if c[key] not in choices:
+            raise ValueError(f"loss.{key}: {c[key]!r} is not one of {', '.join(choices)}")
+    if c["gamma_schedule"] == "auto":
+        c["gamma_schedule"] = "constant" if c["name"] in CONSTANT_GAMMA else "cosine"
+    if c["tau_scheduler"] == "auto":
+        c["tau_scheduler"] = "step_thresh" if c["name"] == "fastclip_v3" else "cosine"
+    return c
 
 
 def build_loss(
@@ -65,26 +82,17 @@ def build_loss(
     lr: float | None = None,
     state_dtype: torch.dtype = torch.float32,
 ) -> ContrastiveLoss:
-    """The loss named by ``cfg["name"]`` (missing keys take :data:`DEFAULTS`); ``lr`` is the model lr that a
-    null ``lr_tau`` stands for. Call after the process group is up (the per-sample state is sharded)."""
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"loss.{sorted(unknown)[0]}: unknown key (known: {', '.join(DEFAULTS)})")
-    c = DEFAULTS | cfg
-    for key, choices in CHOICES.items():
-        if c[key] not in choices:
-            raise ValueError(f"loss.{key}: {c[key]!r} is not one of {', '.join(choices)}")
+    """The loss named by ``cfg["name"]`` (see :func:`resolve_config`); ``lr`` is the model lr that a null
+    ``lr_tau`` stands for. Call after the process group is up (the per-sample state is sharded)."""
+    c = resolve_config(cfg)
     if c["name"] == "openclip":
         return OpenClipLoss(impl=c["impl"])
-    schedule = c["gamma_schedule"]
-    if schedule == "auto":
-        schedule = "constant" if c["name"] in CONSTANT_GAMMA else "cosine"
     return FastClipLoss(
         c["name"],
         dataset_size=dataset_size,
         steps_per_epoch=steps_per_epoch,
         gamma=c["gamma"],
-        gamma_schedule=schedule,
+        gamma_schedule=c["gamma_schedule"],
         gamma_decay_epochs=c["gamma_decay_epochs"],
         rho=c["rho"],
         eps=c["eps"],
