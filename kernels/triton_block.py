@@ -14,9 +14,9 @@ Backward (3 GEMM-equivalents): one program per row block recomputes each ``S`` t
 then per K-chunk adds ``G @ y`` into its own rows of a float32 ``dx`` (plain read-modify-write:
 no other program touches those rows) and ``Gᵀ @ x`` into ``dy`` with ``tl.atomic_add``.
 
-Inputs may be float32, float16 or bfloat16 (statistics and accumulation in float32); float32
-inputs use IEEE ``tl.dot``. Under ``TRITON_INTERPRET=1`` the operands are cast to float32
-before ``tl.dot`` (the interpreter multiplies bfloat16 bit patterns).
+Inputs may be float32, float16 or bfloat16 (statistics and accumulation in float32); see
+``_flags`` for how each feeds ``tl.dot``. Under ``TRITON_INTERPRET=1`` the operands are cast to
+float32 before ``tl.dot`` (the interpreter multiplies bfloat16 bit patterns).
 """
 
 from __future__ import annotations
@@ -221,8 +221,17 @@ def _vec(t: Tensor, length: int, device: torch.device) -> Tensor:
 
 
 def _flags(x: Tensor) -> dict:
-    """float32 operands (native or interpreter-cast) multiply in IEEE fp32; 16-bit ones use the default."""
-    return {"FP32_DOT": INTERPRET, "PRECISION": "ieee" if x.dtype == torch.float32 or INTERPRET else None}
+    """``tl.dot`` operand handling per input dtype.
+
+    float32 (and anything under the interpreter): IEEE fp32. bfloat16: native 16-bit dots, ``G``
+    rounded to bfloat16 (fp32 range). float16: operands cast to fp32 and multiplied as TF32, which
+    holds float16 inputs exactly and keeps ``G`` (FastCLIP weights can exceed 65504) from overflowing.
+    """
+    if INTERPRET or x.dtype == torch.float32:
+        return {"FP32_DOT": True, "PRECISION": "ieee"}
+    if x.dtype == torch.float16:
+        return {"FP32_DOT": True, "PRECISION": "tf32"}
+    return {"FP32_DOT": False, "PRECISION": None}
 
 
 def block_stats(

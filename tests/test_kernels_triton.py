@@ -19,7 +19,7 @@ tb = fk.triton_module()
 pytestmark = pytest.mark.skipif(tb is None, reason="triton does not import")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 5e-4}  # relative to the largest |value|
 M, N, D = 96, 160, 48
 
