@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastclip_ds import comm
-from fastclip_ds.comm_bench import spawn
+from fastclip_ds.comm_bench import bench, spawn
 
 
 def local_tensors(rank: int) -> list[torch.Tensor]:
@@ -70,3 +70,15 @@ def test_collectives_on_two_ranks() -> None:
             "sum": 2 * (world - 1) * 5 * 8 // world,
         }
         assert r["ds_bytes"] == {"all_reduce": 2 * 2 * (world - 1) * 6 * 4 // world}  # ours are not double counted
+
+
+def test_bench_fastclip_sends_about_half_of_openclip() -> None:
+    """Ring bytes per rank and step: openclip gathers [x|t] and reduce-scatters its gradient, fastclip gathers
+    [x|t|key] once plus small state/u collectives; the issue's target is <= 0.55x."""
+    k, b, d, item = 2, 8, 256, 2  # bf16 features
+    rows = {(r["loss"], r["op"]): r["bytes"] for r in bench([k], b, d, "bf16", ["openclip", "fastclip_v3"])}
+    assert rows[("openclip", "feature")] == 2 * (k - 1) * b * 2 * d * item
+    assert rows[("fastclip_v3", "fastclip_features")] == (k - 1) * b * (2 * d * item + 8)
+    assert rows[("fastclip_v3", "fastclip_state")] == 2 * (k - 1) * b * 2 * 4  # all-reduce of [K*B, 2] fp32 log u
+    assert rows[("fastclip_v3", "fastclip_g")] == (k - 1) * b * 2 * 4  # all-gather of [B, 2] fp32 log g
+    assert rows[("fastclip_v3", "loss total")] <= 0.55 * rows[("openclip", "loss total")]
