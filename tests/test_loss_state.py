@@ -64,3 +64,19 @@ def test_load_errors(tmp_path: Path) -> None:
     states[1].save(tmp_path, {})
     with pytest.raises(ValueError, match=r"holds 11 keys .* expected 12"):
         ShardedState(12, INIT, rank=0, world=1, dtype=torch.float32).load(tmp_path)
+
+
+def test_loss_save_load_restores_state_and_schedule_position(tmp_path: Path) -> None:
+    from fastclip_ds.losses import build_loss
+
+    cfg = {"name": "fastclip_v2", "lr_tau": 0.01, "gamma_schedule": "cosine_step"}
+    loss = build_loss(cfg, dataset_size=N, steps_per_epoch=4)
+    x = torch.nn.functional.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    loss.set_epoch(2)
+    loss(x, x.flip(0), torch.zeros(1), torch.tensor([1, 5, 7, 9]))
+    loss.save_state(tmp_path)
+    again = build_loss(cfg, dataset_size=N, steps_per_epoch=4)
+    again.load_state(tmp_path)
+    assert torch.equal(again.state.table, loss.state.table)
+    assert (again.epoch, again.steps_seen, again.gamma()) == (2, 1, loss.gamma())
+    assert torch.isfinite(again.state.table[[1, 5, 7, 9]]).all() and torch.isinf(again.state.table[0, 0])
