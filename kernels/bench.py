@@ -119,19 +119,28 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> tuple[float, float]:
-    """Median wall-clock and process-CPU milliseconds of ``fn`` (CPU time: robust to other jobs on the cores)."""
+def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+def median_ms(fns: dict[str, Callable[[], object]], device: str, repeats: int, warmup: int) -> dict:
+    """Median (wall, process-CPU) milliseconds per function, timed round-robin.
+
+    Interleaving spreads load from other jobs on the machine over every function alike; CPU time
+    (all threads) shows how much of a wall-clock time was spent computing.
+    """
     for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
-        _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        _sync(device)
-        wall.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-    return statistics.median(wall), statistics.median(cpu)
+        for name, fn in fns.items():
+            samples[name].append(_timed(fn, device))
+    return {name: tuple(statistics.median(col) for col in zip(*v, strict=True)) for name, v in samples.items()}
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
@@ -195,11 +204,11 @@ def make_step(impl: str, loss: str, b: int, d: int, dtype: torch.dtype, device: 
     return step
 
 
-def matmul_tflops(b: int, d: int, dtype: torch.dtype, device: str, repeats: int, warmup: int) -> float:
+def matmul_step(b: int, d: int, dtype: torch.dtype, device: str) -> Callable[[], object]:
+    """A B×d @ d×B product, the rate reference (2·B²·d FLOPs)."""
     a = torch.randn(b, d, device=device).to(dtype)
     c = torch.randn(d, b, device=device).to(dtype)
-    ms = median_ms(lambda: a @ c, device, repeats, warmup)[0]
-    return 2 * b * b * d / (ms * 1e-3) / 1e12
+    return lambda: a @ c
 
 
 def device_name(device: str) -> str:
@@ -213,26 +222,43 @@ def device_name(device: str) -> str:
     return f"{model}, {torch.get_num_threads()} torch threads"
 
 
-def _is_oom(err: Exception) -> bool:
+def _oom(err: Exception) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
-def measure(impl: str, b: int, d: int, args: argparse.Namespace) -> dict:
-    """One (impl, B, d) row: peak memory of one step, then median times; ``status`` "oom" if it does not fit."""
-    row = {"impl": impl, "B": b, "d": d, "device": args.device, "dtype": args.dtype, "loss": args.loss}
-    row.update(ms=math.nan, cpu_ms=math.nan, peak_mem_bytes=-1, status="ok")
-    try:
-        step = make_step(impl, args.loss, b, d, DTYPES[args.dtype], args.device)
-        row["peak_mem_bytes"] = peak_bytes(step, args.device)
-        row["ms"], row["cpu_ms"] = median_ms(step, args.device, args.repeats, args.warmup)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not _is_oom(err):
-            raise
-        row["status"] = "oom"
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
-    row["tflops"] = 8 * b * b * d / (row["ms"] * 1e-3) / 1e12
-    return row
+def measure(b: int, d: int, impls: list[str], args: argparse.Namespace) -> list[dict]:
+    """Rows for one (B, d): each impl's peak memory over one step, then all steps and the matmul timed round-robin.
+
+    An impl whose step runs out of memory gets ``status`` "oom" and NaN times.
+    """
+    dtype = DTYPES[args.dtype]
+    rows, steps = [], {"matmul": matmul_step(b, d, dtype, args.device)}
+    for impl in impls:
+        row = {"impl": impl, "B": b, "d": d, "device": args.device, "dtype": args.dtype, "loss": args.loss}
+        row.update(ms=math.nan, cpu_ms=math.nan, peak_mem_bytes=-1, status="ok")
+        try:
+            step = make_step(impl, args.loss, b, d, dtype, args.device)
+            row["peak_mem_bytes"] = peak_bytes(step, args.device)
+            steps[impl] = step
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _oom(err):
+                raise
+            row["status"] = "oom"
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+    times = median_ms(steps, args.device, args.repeats, args.warmup)
+    mm = 2 * b * b * d / (times["matmul"][0] * 1e-3) / 1e12
+    peer = next((r for r in rows if r["impl"] == "openclip" and r["status"] == "ok"), None)
+    for r in rows:
+        r["ms"], r["cpu_ms"] = times.get(r["impl"], (math.nan, math.nan))
+    for r in rows:
+        r["tflops"] = 8 * b * b * d / (r["ms"] * 1e-3) / 1e12
+        r["matmul_tflops"], r["pct_matmul"] = mm, 100 * r["tflops"] / mm
+        r["time_vs_openclip"] = r["ms"] / peer["ms"] if peer else math.nan
+        r["mem_vs_openclip"] = r["peak_mem_bytes"] / peer["peak_mem_bytes"] if peer else math.nan
+        print(_progress(r), file=sys.stderr, flush=True)
+    return rows
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -241,19 +267,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if "openclip" in impls and import_open_clip() is None:
         print("open_clip is not installed: skipping the openclip peer", file=sys.stderr)
         impls.remove("openclip")
-    rows = []
-    for b in args.batch:
-        for d in args.dim:
-            mm = matmul_tflops(b, d, DTYPES[args.dtype], args.device, args.repeats, args.warmup)
-            group = [measure(impl, b, d, args) for impl in impls]
-            peer = next((r for r in group if r["impl"] == "openclip" and r["status"] == "ok"), None)
-            for r in group:
-                r["matmul_tflops"], r["pct_matmul"] = mm, 100 * r["tflops"] / mm
-                r["time_vs_openclip"] = r["ms"] / peer["ms"] if peer else math.nan
-                r["mem_vs_openclip"] = r["peak_mem_bytes"] / peer["peak_mem_bytes"] if peer else math.nan
-                print(_progress(r), file=sys.stderr, flush=True)
-            rows.extend(group)
-    return rows
+    return [row for b in args.batch for d in args.dim for row in measure(b, d, impls, args)]
 
 
 def _progress(r: dict) -> str:
@@ -273,7 +287,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     head = [
         f"Device: {device_name(args.device)}; torch {torch.__version__}; {args.dtype}; loss `{args.loss}`; "
-        f"median of {args.repeats} forward+backward steps; {datetime.date.today().isoformat()}.",
+        f"median of {args.repeats} forward+backward steps (impls and the matmul timed round-robin); "
+        f"{datetime.date.today().isoformat()}.",
         "CPU ms: process CPU time of a step, all threads (includes OpenMP spin-waits when threads > 1).",
         "TFLOP/s counts 8·B²·d (4 GEMM-equivalents); % matmul is against a B×d @ d×B matmul measured in the same run.",
         "",
