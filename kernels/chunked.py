@@ -1,7 +1,7 @@
 """The block contract (see ``reference``) in pure PyTorch, chunked over columns.
 
 Only ``[M, chunk]`` tiles of ``S`` ever exist, so memory is O(M·chunk) beyond the inputs and
-outputs, never M×N. The forward merges per-chunk row log-sum-exps online (log-space, exact at
+outputs, never M×N. The forward merges per-chunk row log-sum-exps online (log-space, stable at
 τ = 0.01) and gets each chunk's column statistics complete from its tile; the backward
 recomputes each tile and accumulates ``dx`` while writing the chunk's rows of ``dy``.
 """
