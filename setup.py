@@ -12,11 +12,11 @@ setup(
     version="0.1.0",
     description="FastCLIP (global contrastive losses, sharded u, fused kernels) on DeepSpeed",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastclip_ds", "fastclip_ds.*"]) + ["fastclip_kernels"],
+    packages=[*find_packages(include=["fastclip_ds", "fastclip_ds.*"]), "fastclip_kernels"],
     package_dir={"fastclip_kernels": "kernels"},
-    package_data={"fastclip_ds": ["model_configs/*.json", "default_config.json"]},
-    install_requires=CPU_PINS
-    + [
+    package_data={"fastclip_ds": ["model_configs/*.json"]},
+    install_requires=[
+        *CPU_PINS,
         "deepspeed==0.19.8",
         "open_clip_torch==3.3.0",
         "timm>=1.0.17",

@@ -14,8 +14,9 @@ COMMANDS = {
     "comm-bench": ("fastclip_ds.comm_bench", "bytes per step of each collective: openclip vs fastclip losses"),
 }
 
-USAGE = "usage: fastclip-ds COMMAND [ARGS...]   (fastclip-ds COMMAND --help for its options)\n\ncommands:\n" + "\n".join(
-    f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()
+USAGE = (
+    "usage: fastclip-ds COMMAND [ARGS...]   (fastclip-ds COMMAND --help for its options)\n\ncommands:\n"
+    + "\n".join(f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items())
 )
 
 

@@ -32,7 +32,7 @@ def import_torchvision() -> ModuleType:
             raise
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
-    _TV_LIBRARY = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
+    _TV_LIBRARY = torch.library.Library("torchvision", "DEF")
     _TV_LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _TV_LIBRARY.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     return importlib.import_module("torchvision")

@@ -26,7 +26,6 @@ NULLABLE: dict[str, type | tuple[type, ...]] = {
 }
 
 
-
 def choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the enumerated keys, the loss and optimizer ones from their modules."""
     from . import losses, optim
@@ -170,7 +169,9 @@ def _check_types(cfg: RunConfig, defaults: dict[str, Any]) -> None:
         value = cfg.values[section][leaf]
         if value is None and (default is None or key in NULLABLE):
             continue
-        expected = NULLABLE.get(key) if default is None else (int, float) if isinstance(default, float) else type(default)
+        expected = (
+            NULLABLE.get(key) if default is None else (int, float) if isinstance(default, float) else type(default)
+        )
         if expected is None:
             continue
         ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, (int, float)))
@@ -200,9 +201,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         if cfg[section][leaf] < 0:
             raise cfg.error(key, f"must be >= 0, got {cfg[section][leaf]!r}")
     if batch % world_size:
-        raise cfg.error(
-            "train.global_batch_size", f"{batch} is not divisible by the world size {world_size} (ranks)"
-        )
+        raise cfg.error("train.global_batch_size", f"{batch} is not divisible by the world size {world_size} (ranks)")
     if batch > data["num_samples"]:
         raise cfg.error("train.global_batch_size", f"{batch} exceeds data.num_samples={data['num_samples']}")
     if train["max_steps"] is not None and train["max_steps"] <= 0:
@@ -217,6 +216,41 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         )
     if not data["train"].strip():
         raise cfg.error("data.train", "empty shard pattern")
+    _validate_optimizer(cfg)
+    _resolve_loss(cfg)
+
+
+def _validate_optimizer(cfg: RunConfig) -> None:
+    opt = cfg["optimizer"]
+    betas = opt["betas"]
+    if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+        raise cfg.error("optimizer.betas", f"expected two numbers in [0, 1), got {betas!r}")
+    for key in ("eps", "weight_decay", "momentum"):
+        if opt[key] < 0:
+            raise cfg.error(f"optimizer.{key}", f"must be >= 0, got {opt[key]!r}")
+    if opt["nesterov"] and opt["momentum"] <= 0:
+        raise cfg.error("optimizer.nesterov", "needs optimizer.momentum > 0")
+
+
+def _resolve_loss(cfg: RunConfig) -> None:
+    """Fill the loss section's ``auto`` values (the saved config shows what ran) and check its ranges."""
+    from .losses import resolve_config
+
+    loss = cfg["loss"]
+    try:
+        cfg.values["loss"] = resolve_config(loss)
+    except ValueError as err:
+        key, _, message = str(err).partition(": ")
+        raise cfg.error(key, message) from None
+    if loss["lr_tau"] is not None and loss["lr_tau"] <= 0:
+        raise cfg.error("loss.lr_tau", f"must be positive or null, got {loss['lr_tau']!r}")
+    for key in ("temperature", "eps", "tau_min"):
+        if loss[key] <= 0:
+            raise cfg.error(f"loss.{key}", f"must be positive, got {loss[key]!r}")
+    if not 0 < loss["gamma"] <= 1:
+        raise cfg.error("loss.gamma", f"must be in (0, 1], got {loss['gamma']!r}")
+    if not loss["tau_min"] <= loss["temperature"] <= 1:
+        raise cfg.error("loss.temperature", f"{loss['temperature']!r} is outside [loss.tau_min, 1]")
 
 
 def total_steps(cfg: RunConfig) -> int:
@@ -230,4 +264,3 @@ def dataset_size(cfg: RunConfig) -> int:
     """Number of per-sample state slots: ``data.dataset_size`` or, if null, ``data.num_samples``."""
     size = cfg["data"]["dataset_size"]
     return cfg["data"]["num_samples"] if size is None else size
-

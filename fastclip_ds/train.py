@@ -30,19 +30,37 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="run config JSON (sections data, model, loss, optimizer, train, eval); "
-                   "keys left out keep their defaults. Default: the embedded digits demo.")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one dotted key, e.g. --set train.lr=1e-3 --set loss.name=fastclip_v3 "
-                   "(value parsed as JSON, else string); repeatable, applied after --config")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   help="DeepSpeed JSON (ZeRO stage, bf16/fp16, gradient_clipping, ...; see ds_configs/). "
-                   "Batch keys are derived from train.global_batch_size. Default: ZeRO-2, fp32 on CPU, bf16 on GPU")
-    p.add_argument("--resume", metavar="latest|TAG",
-                   help="resume from RUN_DIR/checkpoints: 'latest' or a tag such as step00000100")
+    p.add_argument(
+        "--config",
+        help="run config JSON (sections data, model, loss, optimizer, train, eval); "
+        "keys left out keep their defaults. Default: the embedded digits demo.",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one dotted key, e.g. --set train.lr=1e-3 --set loss.name=fastclip_v3 "
+        "(value parsed as JSON, else string); repeatable, applied after --config",
+    )
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="deepspeed_config",
+        help="DeepSpeed JSON (ZeRO stage, bf16/fp16, gradient_clipping, ...; see ds_configs/). "
+        "Batch keys are derived from train.global_batch_size. Default: ZeRO-2, fp32 on CPU, bf16 on GPU",
+    )
+    p.add_argument(
+        "--resume", metavar="latest|TAG", help="resume from RUN_DIR/checkpoints: 'latest' or a tag such as step00000100"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used instead")
+    p.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used instead",
+    )
     p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed convention; has no effect")
     return p
 
@@ -117,21 +135,30 @@ class Trainer:
         self.total_steps = total_steps(cfg)
         self.last_tau = cfg["loss"]["temperature"]
 
-        self.bundle = create_model(cfg["model"]["config"], init_temperature=cfg["loss"]["temperature"],
-                                   seed=train["seed"])
-        self.loss_fn = build_loss(cfg["loss"], dataset_size=dataset_size(cfg), steps_per_epoch=self.steps_per_epoch,
-                                  lr=train["lr"])
+        self.bundle = create_model(
+            cfg["model"]["config"], init_temperature=cfg["loss"]["temperature"], seed=train["seed"]
+        )
+        self.loss_fn = build_loss(
+            cfg["loss"], dataset_size=dataset_size(cfg), steps_per_epoch=self.steps_per_epoch, lr=train["lr"]
+        )
         model = self.bundle.model
         lr_tau = cfg["loss"]["lr_tau"]
-        optimizer = build_optimizer(model, cfg["optimizer"], lr=train["lr"], lr_tau=lr_tau,
-                                    train_logit_scale=self.loss_fn.trains_logit_scale)
+        optimizer = build_optimizer(
+            model, cfg["optimizer"], lr=train["lr"], lr_tau=lr_tau, train_logit_scale=self.loss_fn.trains_logit_scale
+        )
         clamp_logit_scale_after_step(optimizer)
         scheduler = build_scheduler(
-            optimizer, warmup_steps=train["warmup_steps"], total_steps=self.total_steps, lr_min=train["lr_min"],
-            lr_scheduler=train["lr_scheduler"], tau_scheduler=cfg["loss"]["tau_scheduler"], tau_fn=self.tau,
+            optimizer,
+            warmup_steps=train["warmup_steps"],
+            total_steps=self.total_steps,
+            lr_min=train["lr_min"],
+            lr_scheduler=train["lr_scheduler"],
+            tau_scheduler=cfg["loss"]["tau_scheduler"],
+            tau_fn=self.tau,
         )
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
         enable_layerwise_lamb(self.engine)
         self.loss_fn.to(self.device)
         self.metrics = MetricsLogger(run_dir, enabled=rank == 0)
@@ -143,8 +170,14 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> str:
         state = {"position": vars(self.pos), "config": self.cfg.values}
-        return checkpoint.save(self.engine, self.loss_fn, self.ckpt_dir, self.pos.global_step, state,
-                               keep=self.cfg["train"]["keep_checkpoints"])
+        return checkpoint.save(
+            self.engine,
+            self.loss_fn,
+            self.ckpt_dir,
+            self.pos.global_step,
+            state,
+            keep=self.cfg["train"]["keep_checkpoints"],
+        )
 
     def resume(self, spec: str) -> None:
         tag = checkpoint.resolve(self.ckpt_dir, spec)
@@ -153,8 +186,9 @@ class Trainer:
         if self.pos.step_in_epoch >= self.steps_per_epoch:
             self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
         if self.rank == 0:
-            print(f"resumed from {self.ckpt_dir / tag} at epoch {self.pos.epoch} step {self.pos.global_step}",
-                  flush=True)
+            print(
+                f"resumed from {self.ckpt_dir / tag} at epoch {self.pos.epoch} step {self.pos.global_step}", flush=True
+            )
 
     # -- training ----------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor) -> dict[str, float]:
@@ -174,17 +208,30 @@ class Trainer:
         from .data import train_loader
 
         cfg, train, data = self.cfg, self.cfg["train"], self.cfg["data"]
-        bar = tqdm(total=self.total_steps, initial=self.pos.global_step, disable=self.rank != 0,
-                   desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.pos.global_step,
+            disable=self.rank != 0,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
         window_start, window_steps = time.perf_counter(), 0
         while self.pos.global_step < self.total_steps and self.pos.epoch < train["epochs"]:
             self.loss_fn.set_epoch(self.pos.epoch)
             loader = train_loader(
-                data["train"], num_samples=data["num_samples"], global_batch=train["global_batch_size"],
-                world_size=self.world, rank=self.rank, seed=train["seed"], epoch=self.pos.epoch,
+                data["train"],
+                num_samples=data["num_samples"],
+                global_batch=train["global_batch_size"],
+                world_size=self.world,
+                rank=self.rank,
+                seed=train["seed"],
+                epoch=self.pos.epoch,
                 image_transform=self.bundle.train_transform if data["augment"] else self.bundle.eval_transform,
                 tokenizer=self.bundle.tokenizer,
-                num_workers=data["num_workers"], shuffle_buffer=data["shuffle_buffer"], split=data["split"],
+                num_workers=data["num_workers"],
+                shuffle_buffer=data["shuffle_buffer"],
+                split=data["split"],
                 start_step=self.pos.step_in_epoch,
             )
             for images, tokens, keys in loader:
@@ -216,8 +263,8 @@ class Trainer:
         return self.evaluate()
 
     def evaluate(self) -> dict[str, float]:
-        """Zero-shot on ``eval.data`` (rank 0 computes; ZeRO-3 parameters are gathered on every rank)."""
-        import deepspeed
+        """Zero-shot on ``eval.data``: rank 0 computes; under ZeRO-3 every rank runs the forward (it gathers
+        the partitioned parameters collectively), and rank 0 reports."""
         import deepspeed.comm as dist
 
         from .eval.zeroshot import zeroshot_eval
@@ -226,16 +273,18 @@ class Trainer:
         if not root:
             return {}
         metrics: dict[str, float] = {}
-        module = self.engine.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
-                                               enabled=self.engine.zero_optimization_stage() == 3):
-            if self.rank == 0:
-                metrics = zeroshot_eval(module, self.bundle.tokenizer, self.bundle.eval_transform,
-                                        Path(root).expanduser(), batch_size=self.cfg["eval"]["batch_size"],
-                                        device=self.device)
-                module.train()
-                self.metrics.log(self.pos.global_step, "eval", metrics)
-                print(f"zero-shot @ step {self.pos.global_step}: " + json.dumps(metrics), flush=True)
+        if self.rank == 0 or self.engine.zero_optimization_stage() == 3:
+            metrics = zeroshot_eval(
+                self.engine.module,
+                self.bundle.tokenizer,
+                self.bundle.eval_transform,
+                Path(root).expanduser(),
+                batch_size=self.cfg["eval"]["batch_size"],
+                device=self.device,
+            )
+        if self.rank == 0:
+            self.metrics.log(self.pos.global_step, "eval", metrics)
+            print(f"zero-shot @ step {self.pos.global_step}: " + json.dumps(metrics), flush=True)
         dist.barrier()
         return metrics
 
@@ -251,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cfg.values, indent=2))
             return 0
         ds_user, ds_source = load_ds_config(args.deepspeed_config, on_cuda)
-        ds_config = build_ds_config(ds_user, ds_source, global_batch=cfg["train"]["global_batch_size"],
-                                    world_size=world, on_cuda=on_cuda)
+        ds_config = build_ds_config(
+            ds_user, ds_source, global_batch=cfg["train"]["global_batch_size"], world_size=world, on_cuda=on_cuda
+        )
         run_dir = _check_output_dir(cfg)
         _check_data(cfg)
     except ConfigError as err:

@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PORT=${MASTER_PORT:-29500}
 if [[ -n "${NODE_RANK:-}" ]]; then
     exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
-        --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}" --master_port "$PORT" \
+        --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}" --master_port "$PORT" \
         --module fastclip_ds.train "$@"
 fi
 exec deepspeed --hostfile "$HOSTFILE" --master_port "$PORT" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \

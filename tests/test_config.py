@@ -109,7 +109,10 @@ def test_ds_config_batch_keys_are_derived(tmp_path: Path) -> None:
     user, source = load_ds_config(write(tmp_path, {"zero_optimization": {"stage": 2}}, "ds.json"), on_cuda=False)
     cfg = build_ds_config(user, source, global_batch=64, world_size=2, on_cuda=False)
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
-        64, 32, 1)
+        64,
+        32,
+        1,
+    )
 
 
 BAD_DS_CONFIGS = [

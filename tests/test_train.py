@@ -16,22 +16,25 @@ REPO = Path(__file__).parents[1]
 TIMEOUT = 300
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits.ensure_digits(tmp_path_factory.mktemp("data") / "digits")
-
-
 def small_run(root: Path, out: Path, *extra: str) -> list[str]:
     """A short run of the micro model on the digits shards; about 2 s of compute per step pair."""
     return [
-        "--set", f"data.train={digits.train_pattern(root)}",
-        "--set", f"eval.data={digits.eval_root(root)}",
-        "--set", "model.config=fastclip-micro",
-        "--set", "train.global_batch_size=32",
-        "--set", "train.max_steps=4",
-        "--set", "train.warmup_steps=2",
-        "--set", "train.log_every_steps=1",
-        "--set", f"train.output_dir={out}",
+        "--set",
+        f"data.train={digits.train_pattern(root)}",
+        "--set",
+        f"eval.data={digits.eval_root(root)}",
+        "--set",
+        "model.config=fastclip-micro",
+        "--set",
+        "train.global_batch_size=32",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        "train.log_every_steps=1",
+        "--set",
+        f"train.output_dir={out}",
         *extra,
     ]
 
@@ -47,8 +50,20 @@ def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def torchrun(nproc: int, args: list[str], port: int) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(port), "-m", "fastclip_ds.train", *args])
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(port),
+            "-m",
+            "fastclip_ds.train",
+            *args,
+        ]
+    )
 
 
 def metrics(out: Path, kind: str) -> list[dict]:
@@ -60,8 +75,9 @@ def metrics(out: Path, kind: str) -> list[dict]:
 @pytest.mark.parametrize(("stage", "ds_config"), [(0, "cpu_zero0_fp32"), (2, "cpu_zero2_bf16"), (3, "cpu_zero3_fp32")])
 def test_two_rank_deepspeed_run(digits_root: Path, tmp_path: Path, stage: int, ds_config: str) -> None:
     out = tmp_path / "run"
-    proc = torchrun(2, small_run(digits_root, out, "--deepspeed_config", f"ds_configs/{ds_config}.json"),
-                    port=29610 + stage)
+    proc = torchrun(
+        2, small_run(digits_root, out, "--deepspeed_config", f"ds_configs/{ds_config}.json"), port=29610 + stage
+    )
     assert proc.returncode == 0
     train = metrics(out, "train")
     assert [x["step"] for x in train] == [1, 2, 3, 4]
@@ -77,11 +93,15 @@ def test_two_rank_deepspeed_run(digits_root: Path, tmp_path: Path, stage: int, d
 @pytest.mark.slow
 def test_save_and_resume_latest(digits_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = torchrun(2, small_run(digits_root, out, "--set", "train.save_every_steps=2", "--set", "eval.data=null"),
-                     port=29620)
+    first = torchrun(
+        2, small_run(digits_root, out, "--set", "train.save_every_steps=2", "--set", "eval.data=null"), port=29620
+    )
     assert first.returncode == 0
-    second = torchrun(2, small_run(digits_root, out, "--set", "train.max_steps=6", "--resume", "latest",
-                                   "--set", "eval.data=null"), port=29621)
+    second = torchrun(
+        2,
+        small_run(digits_root, out, "--set", "train.max_steps=6", "--resume", "latest", "--set", "eval.data=null"),
+        port=29621,
+    )
     assert second.returncode == 0
     assert "resumed from" in second.stdout and "step00000004" in second.stdout
     steps = [x["step"] for x in metrics(out, "train")]
@@ -103,17 +123,39 @@ def test_hostfile_launcher_no_ssh_mode(digits_root: Path, tmp_path: Path) -> Non
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one machine, two ranks\nlocalhost slots=2\n")
     out = tmp_path / "run"
-    proc = run(["bash", "launchers/hostfile_deepspeed.sh", str(hostfile),
-                *small_run(digits_root, out, "--set", "train.max_steps=2", "--set", "eval.data=null")],
-               NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29630")
+    proc = run(
+        [
+            "bash",
+            "launchers/hostfile_deepspeed.sh",
+            str(hostfile),
+            *small_run(digits_root, out, "--set", "train.max_steps=2", "--set", "eval.data=null"),
+        ],
+        NODE_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29630",
+    )
     assert proc.returncode == 0
     assert json.loads((out / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 16
 
 
 def test_config_error_exits_before_any_process_group(tmp_path: Path) -> None:
-    proc = run([sys.executable, "-m", "fastclip_ds.train", "--set", "train.global_batch_size=33",
-                "--set", f"train.output_dir={tmp_path}"], WORLD_SIZE="2", RANK="0", LOCAL_RANK="0",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "fastclip_ds.train",
+            "--set",
+            "train.global_batch_size=33",
+            "--set",
+            f"train.output_dir={tmp_path}",
+        ],
+        WORLD_SIZE="2",
+        RANK="0",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="1",
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "config error: --set: train.global_batch_size: 33 is not divisible by the world size 2 (ranks)")
+        "config error: --set: train.global_batch_size: 33 is not divisible by the world size 2 (ranks)"
+    )

@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "rho": 8.0,
     "eps": 1e-14,
     "lr_tau": None,
-    "tau_scheduler": "step_thresh",
+    "tau_scheduler": "auto",
     "tau_min": 0.01,
     "tau_beta1": 0.9,
     "tau_beta2": 0.98,
