@@ -202,6 +202,19 @@ class Trainer:
         self.last_tau = values.get("tau", self.last_tau)
         return values
 
+    @staticmethod
+    def comm_bytes_per_step(steps: int) -> dict[str, float]:
+        """Bytes this rank sent per step in each collective since the last call: the losses' own, and
+        DeepSpeed's (gradient reduction, ZeRO gathers) when its ``comms_logger`` is enabled."""
+        from deepspeed.comm.comm import comms_logger
+
+        from . import comm
+
+        sent = {**comm.bytes_by_op(), **comm.deepspeed_bytes_by_op()}
+        comm.reset_bytes()
+        comms_logger.comms_dict.clear()
+        return {f"bytes_per_step/{op}": n / steps for op, n in sent.items()}
+
     def run(self) -> dict[str, float]:
         from tqdm import tqdm
 
@@ -247,6 +260,7 @@ class Trainer:
                     values["samples_per_s"] = window_steps * train["global_batch_size"] / elapsed
                     values["lr"] = self.engine.get_lr()[0]
                     values["epoch"] = self.pos.epoch
+                    values.update(self.comm_bytes_per_step(window_steps))
                     self.metrics.log(self.pos.global_step, "train", values)
                     window_start, window_steps = time.perf_counter(), 0
                 if train["save_every_steps"] and self.pos.global_step % train["save_every_steps"] == 0:
@@ -267,14 +281,14 @@ class Trainer:
         the partitioned parameters collectively), and rank 0 reports."""
         import deepspeed.comm as dist
 
-        from .eval.zeroshot import zeroshot_eval
+        from .eval import evaluate
 
         root = self.cfg["eval"]["data"]
         if not root:
             return {}
         metrics: dict[str, float] = {}
         if self.rank == 0 or self.engine.zero_optimization_stage() == 3:
-            metrics = zeroshot_eval(
+            metrics = evaluate(
                 self.engine.module,
                 self.bundle.tokenizer,
                 self.bundle.eval_transform,
