@@ -1,8 +1,9 @@
 """Differentiable losses on the block contract: one process, one block, any ``impl``.
 
 :func:`block_lse` is the autograd primitive (row/column log-sum-exp of ``θ·x@y.T``, gradients
-for ``x``, ``y`` and ``θ`` via ``block_grads`` with ``b = lse``). :func:`clip_loss` and
-:func:`fastclip_surrogate` are built on it; the diagonal terms are O(B·d) plain autograd.
+for ``x``, ``y`` and ``θ`` via ``block_grads`` with ``b = lse``; no ``dy`` work when ``y`` needs no
+gradient). :func:`clip_loss` and :func:`fastclip_surrogate` are built on it; the diagonal terms are
+O(B·d) plain autograd.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _BlockLSE(torch.autograd.Function):
         x, y, theta_row, theta_col, lse_r, mom_r, lse_c, mom_c = ctx.saved_tensors
         row = None if g_row is None else (theta_row.detach(), lse_r, g_row)
         col = None if g_col is None or theta_col is None else (theta_col.detach(), lse_c, g_col)
-        dx, dy = block_grads(x, y, row, col, *ctx.opts[:2], impl=ctx.opts[2])
+        dx, dy = block_grads(x, y, row, col, *ctx.opts[:2], impl=ctx.opts[2], need_dy=ctx.needs_input_grad[1])
         dth_r = None if row is None or not ctx.needs_input_grad[2] else _theta_grad(g_row, mom_r, theta_row)
         dth_c = None if col is None or not ctx.needs_input_grad[3] else _theta_grad(g_col, mom_c, theta_col)
         return dx, dy, dth_r, dth_c, None, None, None

@@ -3,7 +3,8 @@
 Only ``[M, chunk]`` tiles of ``S`` ever exist, so memory is O(M·chunk) beyond the inputs and
 outputs, never M×N. The forward merges per-chunk row log-sum-exps online (log-space, stable at
 τ = 0.01) and gets each chunk's column statistics complete from its tile; the backward
-recomputes each tile and accumulates ``dx`` while writing the chunk's rows of ``dy``.
+recomputes each tile and accumulates ``dx`` while writing the chunk's rows of ``dy`` (unless
+``need_dy=False``, which drops the ``Gᵀ @ x`` products).
 """
 
 from __future__ import annotations
@@ -107,16 +108,21 @@ def block_grads(
     diag_offset: int = 0,
     exclude_diag: bool = False,
     chunk: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Chunked ``reference.block_grads``: ``(dx, dy)`` with each ``G`` tile recomputed from ``x``, ``y``."""
+    *,
+    need_dy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunked ``reference.block_grads``: ``(dx, dy)`` with each ``G`` tile recomputed from ``x``, ``y``.
+
+    ``need_dy=False`` returns ``(dx, None)``: no ``dy`` buffer, no ``G.T @ x`` products.
+    """
     m, n = x.shape[0], y.shape[0]
     chunk = _check_chunk(chunk, m)
     dt = stats_dtype(x)
     xs, ys = x.to(dt), y.to(dt)
     dx = torch.zeros(m, x.shape[1], dtype=dt, device=x.device)
-    dy = torch.zeros(n, y.shape[1], dtype=dt, device=y.device)
+    dy = torch.zeros(n, y.shape[1], dtype=dt, device=y.device) if need_dy else None
     if row is None and col is None:
-        return dx.to(x.dtype), dy.to(y.dtype)
+        return dx.to(x.dtype), None if dy is None else dy.to(y.dtype)
     r = None if row is None else _side(row, m, dt)
     c = None if col is None else _side(col, n, dt)
     for c0 in range(0, n, chunk):
@@ -131,5 +137,6 @@ def block_grads(
         if exclude_diag:
             g[_positives_in(c0, c1, m, diag_offset, x.device)] = 0.0
         dx.addmm_(g, ys[c0:c1])
-        torch.mm(g.T, xs, out=dy[c0:c1])
-    return dx.to(x.dtype), dy.to(y.dtype)
+        if dy is not None:
+            torch.mm(g.T, xs, out=dy[c0:c1])
+    return dx.to(x.dtype), None if dy is None else dy.to(y.dtype)

@@ -66,6 +66,11 @@ def block_grads(
     diag_offset: int = 0,
     exclude_diag: bool = False,
     impl: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """``(G @ y, G.T @ x)`` for the row/column coefficients ``(theta, b, a)``; see ``reference``."""
-    return _module(impl, x).block_grads(x, y, row, col, diag_offset, exclude_diag)
+    *,
+    need_dy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``(G @ y, G.T @ x)`` for the row/column coefficients ``(theta, b, a)``; see ``reference``.
+
+    ``need_dy=False`` returns ``(G @ y, None)`` and does no work for ``dy``.
+    """
+    return _module(impl, x).block_grads(x, y, row, col, diag_offset, exclude_diag, need_dy=need_dy)

@@ -23,7 +23,7 @@ column side (returns ``None`` for it).
 
     G_ij = a_row[i] theta_row[i] exp(theta_row[i] S_ij - b_row[i])
          + a_col[j] theta_col[j] exp(theta_col[j] S_ij - b_col[j])      (0 on excluded pairs)
-    dx = G @ y,  dy = G.T @ x
+    dx = G @ y,  dy = G.T @ x       (``need_dy=False``: dy is None and never computed)
 
 Either side may be ``None`` (its term is dropped). ``theta``, ``a`` and ``b`` are 1-D tensors of
 length M (row side) or N (column side), or 1-element tensors broadcast along it. Choosing
@@ -98,8 +98,13 @@ def block_grads(
     col: tuple[Tensor, Tensor, Tensor] | None,
     diag_offset: int = 0,
     exclude_diag: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """``(dx, dy)`` for ``G`` built from ``row = (theta_row, b_row, a_row)`` and ``col = (theta_col, b_col, a_col)``."""
+    *,
+    need_dy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``(dx, dy)`` for ``G`` built from ``row = (theta_row, b_row, a_row)`` and ``col = (theta_col, b_col, a_col)``.
+
+    ``need_dy=False`` returns ``(dx, None)`` without the ``G.T @ x`` product.
+    """
     m, n = x.shape[0], y.shape[0]
     dt = stats_dtype(x)
     s = x.to(dt) @ y.to(dt).T
@@ -112,4 +117,5 @@ def block_grads(
         g = g + a * theta * torch.exp(theta * s - b)
     if exclude_diag:
         g = g.masked_fill(positive_mask(m, n, diag_offset, x.device), 0.0)
-    return (g @ y.to(dt)).to(x.dtype), (g.T @ x.to(dt)).to(y.dtype)
+    dy = (g.T @ x.to(dt)).to(y.dtype) if need_dy else None
+    return (g @ y.to(dt)).to(x.dtype), dy

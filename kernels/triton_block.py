@@ -9,10 +9,12 @@ forward at one pass and deterministic; a lock-free atomic merge of column LSEs w
 shift, which underflows at τ = 0.01, and a spin lock serialises programs. The buffer costs
 8·N·M/BLOCK_M bytes (64 MiB at M = N = 32768, BLOCK_M = 128), 1/64 of one float32 ``S``.
 
-Backward (3 GEMM-equivalents): one program per row block recomputes each ``S`` tile, builds
-``G = c_r·exp2(θ₂_r·S − b₂_r) + c_c·exp2(θ₂_c·S − b₂_c)`` (zero on masked and excluded entries),
-then per K-chunk adds ``G @ y`` into its own rows of a float32 ``dx`` (plain read-modify-write:
-no other program touches those rows) and ``Gᵀ @ x`` into ``dy`` with ``tl.atomic_add``.
+Backward (3 GEMM-equivalents; 2 with ``need_dy=False``): one program per row block recomputes each
+``S`` tile, builds ``G = c_r·exp2(θ₂_r·S − b₂_r) + c_c·exp2(θ₂_c·S − b₂_c)`` (zero on masked and
+excluded entries), then per K-chunk adds ``G @ y`` into its own rows of a float32 ``dx`` (plain
+read-modify-write: no other program touches those rows) and ``Gᵀ @ x`` into ``dy`` with
+``tl.atomic_add``. ``need_dy=False`` compiles the kernel without the ``dy`` part (the ``NEED_DY``
+constexpr): no ``x`` loads in the K-loop, no ``Gᵀ @ x``, no atomics.
 
 Inputs may be float32, float16 or bfloat16 (statistics and accumulation in float32); see
 ``_flags`` for how each feeds ``tl.dot``. Under ``TRITON_INTERPRET=1`` the operands are cast to
@@ -160,13 +162,14 @@ def _grads_kernel(
     HAS_ROW: tl.constexpr,
     HAS_COL: tl.constexpr,
     EXCLUDE: tl.constexpr,
+    NEED_DY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     FP32_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``th``/``b`` arrive pre-multiplied by log2(e), ``c`` = a·θ (see ``block_grads``)."""
+    """``th``/``b`` arrive pre-multiplied by log2(e), ``c`` = a·θ (see ``block_grads``); ``dy_ptr`` needs NEED_DY."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -193,16 +196,18 @@ def _grads_kernel(
             ks = k0 + tl.arange(0, BLOCK_K)
             xmask = rmask[:, None] & (ks[None, :] < D)
             ymask = cmask[:, None] & (ks[None, :] < D)
-            xt = tl.load(x_ptr + rows[:, None] * D + ks[None, :], mask=xmask, other=0.0)
             yt = tl.load(y_ptr + cols[:, None] * D + ks[None, :], mask=ymask, other=0.0)
             if FP32_DOT:
-                xt = xt.to(tl.float32)
                 yt = yt.to(tl.float32)
             dx_ptrs = dx_ptr + rows[:, None] * D + ks[None, :]
             dx_part = tl.dot(g, yt, input_precision=PRECISION)
             tl.store(dx_ptrs, tl.load(dx_ptrs, mask=xmask, other=0.0) + dx_part, mask=xmask)
-            dy_part = tl.dot(tl.trans(g), xt, input_precision=PRECISION)
-            tl.atomic_add(dy_ptr + cols[:, None] * D + ks[None, :], dy_part, mask=ymask)
+            if NEED_DY:
+                xt = tl.load(x_ptr + rows[:, None] * D + ks[None, :], mask=xmask, other=0.0)
+                if FP32_DOT:
+                    xt = xt.to(tl.float32)
+                dy_part = tl.dot(tl.trans(g), xt, input_precision=PRECISION)
+                tl.atomic_add(dy_ptr + cols[:, None] * D + ks[None, :], dy_part, mask=ymask)
 
 
 def _prepare(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -280,18 +285,22 @@ def block_grads(
     col: tuple[Tensor, Tensor, Tensor] | None,
     diag_offset: int = 0,
     exclude_diag: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Triton ``reference.block_grads``: ``(dx, dy)`` in the input dtype (float32 accumulation)."""
+    *,
+    need_dy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Triton ``reference.block_grads``: ``(dx, dy)`` in the input dtype (float32 accumulation).
+
+    ``need_dy=False`` returns ``(dx, None)`` from a kernel compiled without the ``dy`` products and atomics.
+    """
     x, y = _prepare(x, y)
     (m, d), n = x.shape, y.shape[0]
     dx = torch.zeros(m, d, dtype=torch.float32, device=x.device)
-    dy = torch.zeros(n, d, dtype=torch.float32, device=x.device)
-    if row is None and col is None:
-        return dx.to(x.dtype), dy.to(y.dtype)
-    bm, bn, bk, warps = BWD_CONFIG
-    _grads_kernel[(triton.cdiv(m, bm),)](
-        x, y, *_coeffs(row, m, dx), *_coeffs(col, n, dx), dx, dy, m, n, d, diag_offset,
-        HAS_ROW=row is not None, HAS_COL=col is not None, EXCLUDE=exclude_diag,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_flags(x),
-    )  # fmt: skip
-    return dx.to(x.dtype), dy.to(y.dtype)
+    dy = torch.zeros(n, d, dtype=torch.float32, device=x.device) if need_dy else None
+    if row is not None or col is not None:
+        bm, bn, bk, warps = BWD_CONFIG
+        _grads_kernel[(triton.cdiv(m, bm),)](
+            x, y, *_coeffs(row, m, dx), *_coeffs(col, n, dx), dx, dx if dy is None else dy, m, n, d, diag_offset,
+            HAS_ROW=row is not None, HAS_COL=col is not None, EXCLUDE=exclude_diag, NEED_DY=need_dy,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_flags(x),
+        )  # fmt: skip
+    return dx.to(x.dtype), None if dy is None else dy.to(y.dtype)

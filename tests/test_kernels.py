@@ -90,6 +90,47 @@ def test_chunked_grads_match_dense(offset: int, exclude: bool, kind: str, sides:
         assert max_err(g, w) < 1e-10 * w.abs().max().item()
 
 
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("sides", ["row", "col", "both", "none"])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_grads_without_dy(exclude: bool, sides: str, impl: str) -> None:
+    """``need_dy=False``: the same ``dx`` (float64, bit for bit) and ``dy`` None; chunked over several tiles."""
+    x, y = features(37, 53, 24, 9)
+    th_r, th_c = make_theta("per", 37), make_theta("scalar", 53)
+    row, col = grad_coeffs(37, 53, th_r, th_c, reference.block_stats(x, y, th_r, th_c, 9, exclude), "fastclip")
+    row, col = (row if sides in ("row", "both") else None), (col if sides in ("col", "both") else None)
+    opts = {"chunk": 16} if impl == "chunked" else {}
+    grads = {"chunked": chunked, "dense": reference}[impl].block_grads
+    dx, dy = grads(x, y, row, col, 9, exclude, **opts)
+    dx_only, none = grads(x, y, row, col, 9, exclude, **opts, need_dy=False)
+    assert none is None and dy is not None
+    assert dx_only.dtype == torch.float64 and torch.equal(dx_only, dx)
+    via_dispatch = fk.block_grads(x, y, row, col, 9, exclude, impl=impl, need_dy=False)  # chunked: one tile
+    assert via_dispatch[1] is None and max_err(via_dispatch[0], dx) <= 1e-12 * max(1.0, dx.abs().max().item())
+
+
+def test_block_lse_skips_dy_for_detached_columns(monkeypatch) -> None:
+    """Columns that need no gradient (gathered candidates): ``block_grads`` runs with ``need_dy=False``."""
+    calls = []
+    real = fk.autograd.block_grads
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["need_dy"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fk.autograd, "block_grads", spy)
+    x, y = features(6, 9, 5, 2)
+    th = make_theta("scalar", 6, 3.0)
+    grads = []
+    for y_grad in (True, False):
+        a, b = x.clone().requires_grad_(), y.clone().requires_grad_(y_grad)
+        fk.block_lse(a, b, th, th, 2, True, impl="chunked")[0].sum().backward()
+        assert (b.grad is not None) == y_grad
+        grads.append(a.grad)
+    assert calls == [True, False]
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_chunked_no_sides_gives_zero_grads() -> None:
     x, y = features(5, 7, 4)
     dx, dy = chunked.block_grads(x, y, None, None)

@@ -73,6 +73,22 @@ def test_triton_grads(offset: int, exclude: bool, kind: str, sides: str, dtype: 
         _check(g, s, w, dtype)
 
 
+@pytest.mark.parametrize("sides", ["row", "col", "both"])
+def test_triton_grads_without_dy(sides: str) -> None:
+    """``need_dy=False`` (kernel compiled without the dy part): the same ``dx`` in float32, ``dy`` None."""
+    x, y, x64, y64 = _inputs(M, N, D, 40, torch.float32)
+    th_r, th_c = make_theta("per", M, 50.0), make_theta("scalar", N, 50.0)
+    row, col = grad_coeffs(M, N, th_r, th_c, reference.block_stats(x64, y64, th_r, th_c, 40, True), "fastclip")
+    row, col = (row if sides != "col" else None), (col if sides != "row" else None)
+    on_dev = [None if c is None else tuple(t.to(DEVICE) for t in c) for c in (row, col)]
+    dx, dy = fk.block_grads(x, y, *on_dev, 40, True, impl="triton")
+    dx_only, none = fk.block_grads(x, y, *on_dev, 40, True, impl="triton", need_dy=False)
+    assert none is None and dy is not None and dx_only.dtype == torch.float32
+    assert max_err(dx_only, dx) <= 1e-6 * dx.abs().max().item()
+    want = reference.block_grads(x64, y64, row, col, 40, True, need_dy=False)[0]
+    _check(dx_only, reference.block_grads(x, y, *on_dev, 40, True)[0], want, torch.float32)
+
+
 def test_triton_feature_dim_over_several_k_chunks() -> None:
     """d = 150: three ragged K-chunks in both kernels."""
     x, y, x64, y64 = _inputs(70, 90, 150, 3, torch.float32)
