@@ -5,8 +5,8 @@
 Implementations: ``chunked``, ``dense``, ``triton`` (this package, through ``clip_loss`` or
 ``fastclip_surrogate``) and ``openclip`` (open_clip's ``ClipLoss``, the peer; it always computes
 the CLIP loss, also under ``--loss fastclip``). Reported per (impl, B, d): median milliseconds,
-achieved TFLOP/s counted as 4 GEMM-equivalents (8·B²·d, the floor for a symmetric loss), that
-rate as % of a B×d @ d×B matmul measured in the same run, and peak memory beyond the inputs:
+achieved TFLOP/s counted as ``GEMM_EQUIVALENTS`` = 4 B×B×d products (8·B²·d, :func:`step_flops`),
+that rate as % of a B×d @ d×B matmul measured in the same run, and peak memory beyond the inputs:
 on CUDA ``max_memory_allocated`` minus the allocation before the step; on CPU the high-water mark
 of bytes allocated through torch's CPU allocator during one step (replayed from the profiler's
 allocation events, ``profile_memory=True``): tensor bytes, comparable to the CUDA number, not RSS.
@@ -33,6 +33,10 @@ from . import clip_loss, fastclip_surrogate, triton_module
 
 IMPLS = ("chunked", "dense", "triton", "openclip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Both losses time one block_lse on [B, d] features that both need gradients: the forward S = x @ y.T, then
+# block_grads recomputes S and forms dx = G @ y and dy = G.T @ x. The same 4 count the openclip peer,
+# which does 6 (two logit matrices, four backward products): its rate is in useful work.
+GEMM_EQUIVALENTS = 4
 CSV_COLUMNS = ["impl", "B", "d", "device", "ms", "tflops", "peak_mem_bytes"]
 _TORCHVISION_SCHEMAS: torch.library.Library | None = None  # kept alive: the declarations die with it
 EXTRA_COLUMNS = [
@@ -204,6 +208,11 @@ def make_step(impl: str, loss: str, b: int, d: int, dtype: torch.dtype, device: 
     return step
 
 
+def step_flops(b: int, d: int) -> int:
+    """FLOPs counted for one forward + backward step at batch ``b``, dim ``d`` (2·B²·d per GEMM-equivalent)."""
+    return GEMM_EQUIVALENTS * 2 * b * b * d
+
+
 def matmul_step(b: int, d: int, dtype: torch.dtype, device: str) -> Callable[[], object]:
     """A B×d @ d×B product, the rate reference (2·B²·d FLOPs)."""
     a = torch.randn(b, d, device=device).to(dtype)
@@ -253,7 +262,7 @@ def measure(b: int, d: int, impls: list[str], args: argparse.Namespace) -> list[
     for r in rows:
         r["ms"], r["cpu_ms"] = times.get(r["impl"], (math.nan, math.nan))
     for r in rows:
-        r["tflops"] = 8 * b * b * d / (r["ms"] * 1e-3) / 1e12
+        r["tflops"] = step_flops(b, d) / (r["ms"] * 1e-3) / 1e12
         r["matmul_tflops"], r["pct_matmul"] = mm, 100 * r["tflops"] / mm
         r["time_vs_openclip"] = r["ms"] / peer["ms"] if peer else math.nan
         r["mem_vs_openclip"] = r["peak_mem_bytes"] / peer["peak_mem_bytes"] if peer else math.nan
@@ -290,7 +299,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"median of {args.repeats} forward+backward steps (impls and the matmul timed round-robin); "
         f"{datetime.date.today().isoformat()}.",
         "CPU ms: process CPU time of a step, all threads (includes OpenMP spin-waits when threads > 1).",
-        "TFLOP/s counts 8·B²·d (4 GEMM-equivalents); % matmul is against a B×d @ d×B matmul measured in the same run.",
+        f"TFLOP/s counts {GEMM_EQUIVALENTS * 2}·B²·d ({GEMM_EQUIVALENTS} GEMM-equivalents); "
+        "% matmul is against a B×d @ d×B matmul measured in the same run.",
         "",
         "| impl | B | d | ms | CPU ms | TFLOP/s | % matmul | peak MiB | time × openclip | memory × openclip |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

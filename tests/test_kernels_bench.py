@@ -7,6 +7,7 @@ import csv
 import pytest
 import torch
 from fastclip_kernels import bench, chunked, reference
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def test_bench_writes_csv_markdown_and_plot(tmp_path) -> None:
@@ -27,7 +28,7 @@ def test_bench_writes_csv_markdown_and_plot(tmp_path) -> None:
     ]
     for r in rows:
         assert r["status"] == "ok" and float(r["ms"]) > 0 and int(r["peak_mem_bytes"]) > 0
-        assert float(r["tflops"]) == pytest.approx(8 * int(r["B"]) ** 2 * 16 / float(r["ms"]) / 1e9)
+        assert float(r["tflops"]) == pytest.approx(bench.step_flops(int(r["B"]), 16) / float(r["ms"]) / 1e9)
     assert all(float(r["time_vs_openclip"]) == 1.0 for r in rows if r["impl"] == "openclip")
     table = out["md"].read_text()
     assert "| chunked | 96 | 16 |" in table and "% matmul" in table
@@ -47,6 +48,15 @@ def test_bench_rejects_bad_arguments(argv: list[str], message: str, capsys) -> N
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", *argv])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["clip", "fastclip"])
+def test_counted_flops_match_the_timed_step(loss: str) -> None:
+    """The FLOPs the rate is counted at are the products the timed step runs (dense impl: all plain ``mm``)."""
+    step = bench.make_step("dense", loss, 64, 16, torch.float32, "cpu")
+    with FlopCounterMode(display=False) as counter:
+        step()
+    assert counter.get_total_flops() == bench.step_flops(64, 16)
 
 
 def test_cpu_peak_bytes_counts_tensor_allocations() -> None:
