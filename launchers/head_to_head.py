@@ -1,0 +1,178 @@
+"""Head-to-head: our trainer (``loss.name=openclip``) vs OpenCLIP's own ``open_clip_train`` on the same setup.
+
+Both run under torchrun with the same shards, model config, global batch, epochs (samples), optimizer
+(AdamW, lr, betas, eps, weight decay), warm-up + cosine schedule, fp32 precision, seed and number of ranks.
+Both exports are scored by our zero-shot eval (``fastclip_ds.eval``). Throughput is the steady-state train
+rate: samples between the first and the last train log line over the time between them (startup, final
+checkpoint and eval excluded; each trainer's own logs). Default: the digits demo on 2 CPU ranks::
+
+    python launchers/head_to_head.py --out docs/results/head_to_head --seeds 0,1
+
+Writes ``OUT/head_to_head.md`` (table) and ``OUT/head_to_head.json`` (every number); run dirs under ``--runs-dir``.
+Differences that remain: data order (OpenCLIP resamples shards per rank with ``--dataset-resampled``, ours
+walks one seeded global stream; ``--data-split rank`` switches ours to OpenCLIP-style shard splitting), and the
+zero-shot eval ours runs at the end of training (outside the timed window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from experiments import free_port  # launchers/ is on sys.path when this file runs as a script
+
+HERE = Path(__file__).resolve().parent
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d,\d\d:\d\d:\d\d) \| INFO \| Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
+
+
+def torchrun(nproc: int, target: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), *target]  # fmt: skip
+
+
+def run(cmd: list[str], log: Path, timeout: float) -> float:
+    """Run ``cmd`` with output to ``log``; the wall time in seconds. Raises on a non-zero exit."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+    if rc != 0:
+        raise RuntimeError(f"{cmd[0]} ... exited with {rc}; see {log}")
+    return time.perf_counter() - start
+
+
+def ours_throughput(run_dir: Path) -> float:
+    """Samples/s between the first and last train record of our ``metrics.jsonl``."""
+    batch = json.loads((run_dir / "config.json").read_text())["train"]["global_batch_size"]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    train = [json.loads(x) for x in lines if '"kind": "train"' in x]
+    if len(train) < 2:
+        raise ValueError(f"{run_dir}: fewer than two train records in metrics.jsonl")
+    return (train[-1]["step"] - train[0]["step"]) * batch / (train[-1]["time"] - train[0]["time"])
+
+
+def open_clip_throughput(log: Path) -> float:
+    """Samples/s between the first and last ``Train Epoch`` line of open_clip_train's log (1 s timestamps).
+
+    A line reads ``Train Epoch: E [ n/N ...]``: n samples of the epoch's N (N rounded up to whole global batches).
+    """
+    points = []
+    for line in log.read_text().splitlines():
+        m = LOG_LINE.match(line)
+        if m:
+            t = datetime.strptime(m.group(1), "%Y-%m-%d,%H:%M:%S").timestamp()
+            points.append((t, int(m.group(2)) * int(m.group(4)) + int(m.group(3))))
+    if len(points) < 2 or points[-1][0] <= points[0][0]:
+        raise ValueError(f"{log}: not enough 'Train Epoch' lines to time")
+    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+
+def score(checkpoint: Path, model: str, data: Path) -> dict[str, float]:
+    from fastclip_ds.eval import evaluate
+    from fastclip_ds.eval.zeroshot import load_open_clip_checkpoint
+
+    net, tokenizer, preprocess = load_open_clip_checkpoint(checkpoint, model=model)
+    return evaluate(net, tokenizer, preprocess, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastclip_ds import digits
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for the table and JSON")
+    p.add_argument("--runs-dir", type=Path, help="run dirs (default OUT/runs)")
+    p.add_argument("--train", default=digits.train_pattern(digits.DEFAULT_ROOT), help="train shards (brace pattern)")
+    p.add_argument("--num-samples", type=int, default=digits.NUM_TRAIN, help="samples per epoch")
+    p.add_argument("--eval-data", type=Path, default=digits.eval_root(digits.DEFAULT_ROOT), help="eval split")
+    p.add_argument("--model", default="fastclip-tiny", help="registered model name (ours ship fastclip-*)")
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--seeds", default="0", help="comma list of seeds (each seed runs both trainers)")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--data-split", choices=("global", "rank"), default="global", help="our data.split")
+    p.add_argument("--timeout", type=float, default=1800)
+    args = p.parse_args(argv)
+    if args.global_batch % args.nproc:
+        p.error(f"--global-batch {args.global_batch} is not divisible by --nproc {args.nproc}")
+    runs = args.runs_dir or args.out / "runs"
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        ours_dir = runs / f"ours_s{seed}"
+        sets = {
+            "loss.name": "openclip", "model.config": args.model, "data.train": args.train,
+            "data.num_samples": args.num_samples, "data.split": args.data_split, "train.global_batch_size":
+            args.global_batch, "train.epochs": args.epochs, "train.lr": args.lr, "train.warmup_steps": args.warmup,
+            "optimizer.weight_decay": args.wd, "train.seed": seed, "train.output_dir": str(ours_dir),
+            "eval.data": str(args.eval_data), "eval.every_steps": 0, "train.log_every_steps": 10,
+        }  # fmt: skip
+        ours_cmd = ["-m", "fastclip_ds.train", *(x for k, v in sets.items() for x in ("--set", f"{k}={v}"))]
+        ours_wall = run(torchrun(args.nproc, ours_cmd), ours_dir / "train.log", args.timeout)
+        subprocess.run([sys.executable, "-m", "fastclip_ds.export", str(ours_dir), "--out", str(ours_dir / "model.pt")],
+                       check=True, timeout=600, capture_output=True)  # fmt: skip
+
+        oc_logs, name = runs / f"open_clip_train_s{seed}", "run"
+        oc_args = [
+            "--train-data", args.train, "--train-num-samples", str(args.num_samples), "--dataset-type", "webdataset",
+            "--dataset-resampled", "--batch-size", str(args.global_batch // args.nproc), "--epochs", str(args.epochs),
+            "--lr", str(args.lr), "--warmup", str(args.warmup), "--wd", str(args.wd), "--beta1", "0.9", "--beta2",
+            "0.98", "--eps", "1e-6", "--precision", "fp32", "--workers", "1", "--model", args.model, "--device",
+            "cpu", "--seed", str(seed), "--logs", str(oc_logs), "--name", name, "--save-frequency", str(args.epochs),
+            "--zeroshot-frequency", "0", "--val-frequency", "0", "--log-every-n-steps", "10", "--local-loss",
+            "--gather-with-grad",
+        ]  # fmt: skip
+        oc_wall = run(torchrun(args.nproc, [str(HERE / "run_open_clip_train.py"), *oc_args]), oc_logs / "stdout.log",
+                      args.timeout)  # fmt: skip
+        oc_ckpt = oc_logs / name / "checkpoints" / f"epoch_{args.epochs}.pt"
+        row = {
+            "seed": seed,
+            "ours_samples_per_s": ours_throughput(ours_dir),
+            "open_clip_samples_per_s": open_clip_throughput(oc_logs / name / "out.log"),
+            "ours_wall_s": ours_wall,
+            "open_clip_wall_s": oc_wall,
+            "ours": score(ours_dir / "model.pt", args.model, args.eval_data),
+            "open_clip": score(oc_ckpt, args.model, args.eval_data),
+        }
+        row["speed_ratio"] = row["ours_samples_per_s"] / row["open_clip_samples_per_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (args.out / "head_to_head.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows},
+                                                           indent=2, default=str) + "\n")  # fmt: skip
+    lines = [
+        "| seed | ours samples/s | open_clip_train samples/s | ratio | ours top-1 | open_clip_train top-1 "
+        "| ours wall s | open_clip_train wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['seed']} | {r['ours_samples_per_s']:.1f} | {r['open_clip_samples_per_s']:.1f} | "
+            f"{r['speed_ratio']:.2f} | {r['ours']['top1']:.4f} | {r['open_clip']['top1']:.4f} | "
+            f"{r['ours_wall_s']:.0f} | {r['open_clip_wall_s']:.0f} |"
+        )
+    if len(rows) > 1:
+        mean = {k: statistics.fmean(r[k] for r in rows) for k in ("ours_samples_per_s", "open_clip_samples_per_s")}
+        lines.append(
+            f"| mean | {mean['ours_samples_per_s']:.1f} | {mean['open_clip_samples_per_s']:.1f} | "
+            f"{statistics.fmean(r['speed_ratio'] for r in rows):.2f} | "
+            f"{statistics.fmean(r['ours']['top1'] for r in rows):.4f} | "
+            f"{statistics.fmean(r['open_clip']['top1'] for r in rows):.4f} | | |"
+        )
+    (args.out / "head_to_head.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
