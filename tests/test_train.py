@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,13 @@ def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def torchrun(nproc: int, args: list[str], port: int) -> subprocess.CompletedProcess[str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess[str]:
     return run(
         [
             sys.executable,
@@ -58,7 +65,7 @@ def torchrun(nproc: int, args: list[str], port: int) -> subprocess.CompletedProc
             "--nproc_per_node",
             str(nproc),
             "--master_port",
-            str(port),
+            str(free_port()),
             "-m",
             "fastclip_ds.train",
             *args,
@@ -75,9 +82,7 @@ def metrics(out: Path, kind: str) -> list[dict]:
 @pytest.mark.parametrize(("stage", "ds_config"), [(0, "cpu_zero0_fp32"), (2, "cpu_zero2_bf16"), (3, "cpu_zero3_fp32")])
 def test_two_rank_deepspeed_run(digits_root: Path, tmp_path: Path, stage: int, ds_config: str) -> None:
     out = tmp_path / "run"
-    proc = torchrun(
-        2, small_run(digits_root, out, "--deepspeed_config", f"ds_configs/{ds_config}.json"), port=29610 + stage
-    )
+    proc = torchrun(2, small_run(digits_root, out, "--deepspeed_config", f"ds_configs/{ds_config}.json"))
     assert proc.returncode == 0
     train = metrics(out, "train")
     assert [x["step"] for x in train] == [1, 2, 3, 4]
@@ -93,14 +98,11 @@ def test_two_rank_deepspeed_run(digits_root: Path, tmp_path: Path, stage: int, d
 @pytest.mark.slow
 def test_save_and_resume_latest(digits_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = torchrun(
-        2, small_run(digits_root, out, "--set", "train.save_every_steps=2", "--set", "eval.data=null"), port=29620
-    )
+    first = torchrun(2, small_run(digits_root, out, "--set", "train.save_every_steps=2", "--set", "eval.data=null"))
     assert first.returncode == 0
     second = torchrun(
         2,
         small_run(digits_root, out, "--set", "train.max_steps=6", "--resume", "latest", "--set", "eval.data=null"),
-        port=29621,
     )
     assert second.returncode == 0
     assert "resumed from" in second.stdout and "step00000004" in second.stdout
@@ -132,7 +134,7 @@ def test_hostfile_launcher_no_ssh_mode(digits_root: Path, tmp_path: Path) -> Non
         ],
         NODE_RANK="0",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT="29630",
+        MASTER_PORT=str(free_port()),
     )
     assert proc.returncode == 0
     assert json.loads((out / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 16

@@ -36,7 +36,7 @@ def test_one_and_two_ranks_reach_the_same_weights(digits_root: Path, tmp_path: P
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert run([sys.executable, "-m", "fastclip_ds.train", *small_run(digits_root, one, *common)]).returncode == 0
-    assert torchrun(2, small_run(digits_root, two, *common), port=29640).returncode == 0
+    assert torchrun(2, small_run(digits_root, two, *common)).returncode == 0
     w1, w2 = final_weights(one, tmp_path), final_weights(two, tmp_path)
     initial = to_open_clip_state_dict(create_model("fastclip-micro", init_temperature=0.07, seed=0).model.state_dict())
     assert w1.keys() == w2.keys()
