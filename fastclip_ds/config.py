@@ -56,6 +56,8 @@ def train_defaults() -> dict[str, Any]:
         "keep_checkpoints": 2,
         "output_dir": "runs/digits",
         "log_every_steps": 10,
+        "max_nonfinite_steps": 10,
+        "collective_timeout_s": 600.0,
     }
 
 
@@ -72,6 +74,7 @@ def default_config() -> dict[str, Any]:
             "num_workers": 1,
             "shuffle_buffer": 1000,
             "augment": True,
+            "max_bad_fraction": 0.1,
         },
         "model": {"config": "fastclip-tiny"},
         "loss": dict(losses.DEFAULTS),
@@ -216,6 +219,14 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         )
     if not data["train"].strip():
         raise cfg.error("data.train", "empty shard pattern")
+    if not 0 <= data["max_bad_fraction"] <= 1:
+        raise cfg.error("data.max_bad_fraction", f"must be in [0, 1], got {data['max_bad_fraction']!r}")
+    for key in ("train.max_nonfinite_steps", "train.collective_timeout_s"):
+        section, _, leaf = key.partition(".")
+        if cfg[section][leaf] <= 0:
+            raise cfg.error(key, f"must be positive, got {cfg[section][leaf]!r}")
+    if train["keep_checkpoints"] < 0:
+        raise cfg.error("train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {train['keep_checkpoints']!r}")
     _validate_optimizer(cfg)
     _resolve_loss(cfg)
 
@@ -251,6 +262,37 @@ def _resolve_loss(cfg: RunConfig) -> None:
         raise cfg.error("loss.gamma", f"must be in (0, 1], got {loss['gamma']!r}")
     if not loss["tau_min"] <= loss["temperature"] <= 1:
         raise cfg.error("loss.temperature", f"{loss['temperature']!r} is outside [loss.tau_min, 1]")
+
+
+def check_environment(cfg: RunConfig) -> Path:
+    """Paths the run needs, checked before any process group: a writable ``train.output_dir`` (created; returned),
+    every shard of ``data.train`` (the digits demo is written on first use) and the ``eval.data`` directory."""
+    from . import digits
+    from .data import expand_urls
+
+    out = Path(cfg["train"]["output_dir"]).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise cfg.error("train.output_dir", f"{str(out)!r} is not writable ({err.strerror})") from None
+    pattern = cfg["data"]["train"]
+    if pattern == digits.train_pattern(digits.DEFAULT_ROOT):
+        digits.ensure_digits(digits.DEFAULT_ROOT)
+    try:
+        urls = expand_urls(pattern)
+    except ValueError as err:
+        raise cfg.error("data.train", str(err)) from None
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    if missing:
+        raise cfg.error(
+            "data.train", f"{pattern!r}: {len(missing)} of {len(urls)} shard(s) missing, first: {missing[0]}"
+        )
+    if cfg["eval"]["data"] and not Path(cfg["eval"]["data"]).expanduser().is_dir():
+        raise cfg.error("eval.data", f"{cfg['eval']['data']!r} is not a directory")
+    return out
 
 
 def total_steps(cfg: RunConfig) -> int:

@@ -26,7 +26,9 @@ an image whose header PIL cannot identify, a missing/empty caption, a missing/no
 and a corrupt tar (the rest of that tar is skipped, including the sample being read). An image whose
 header parses but whose full decode fails on the owning rank is replaced by a black image of the header's
 size (key and caption kept, so every rank's batch stays aligned) and counted as ``image_substituted``.
-Counts: :meth:`TrainLoader.stats`. In ``"global"`` mode every rank counts the same skipped samples
+Counts: :meth:`TrainLoader.stats`; :meth:`TrainLoader.bad_fraction` is the share of bad samples among those read
+(the trainer stops past ``data.max_bad_fraction``). A pass over the data with no valid sample at all raises
+:class:`BadDataError`. In ``"global"`` mode every rank counts the same skipped samples
 (``image_substituted`` only on the owning rank); in ``"rank"`` mode each rank counts its own shards.
 
 Augmentation is reproducible: each row's transform runs under a torch seed derived from
@@ -61,6 +63,10 @@ REASONS = ("no_image", "bad_image", "no_caption", "no_key", "corrupt_tar", "imag
 SPLITS = ("global", "rank")
 
 Batch = tuple[Tensor, Tensor, Tensor]
+
+
+class BadDataError(RuntimeError):
+    """The train data cannot feed a step (every sample of a pass is bad); the message is one line."""
 
 
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:
@@ -178,6 +184,7 @@ class _EpochStream(IterableDataset):
         split: str,
         start_step: int,
         counts: Tensor,
+        valid: Tensor,
     ) -> None:
         self.urls, self.steps, self.start_step = urls, steps, start_step
         self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, epoch
@@ -189,6 +196,7 @@ class _EpochStream(IterableDataset):
         self.first_row = rank * self.local_batch if split == "global" else 0
         self.seed_row = rank * self.local_batch  # this rank's first row in the global batch, for augmentation seeds
         self.counts = counts  # [workers, len(REASONS)], shared memory: worker w writes row w
+        self.valid = valid  # [workers]: valid samples in the groups worker w yielded
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -213,7 +221,7 @@ class _EpochStream(IterableDataset):
                 valid += not isinstance(item, str)
                 yield item
             if not valid:
-                raise RuntimeError(f"no valid sample in {len(shards)} shard(s), e.g. {shards[0]}: see skip warnings")
+                raise BadDataError(f"no valid sample in {len(shards)} shard(s), e.g. {shards[0]}: see skip warnings")
 
     def _groups(self, stream: int, stride: int) -> Iterator[tuple[int, list[_Raw], Counter]]:
         """``(step, samples, skip counts while filling it)`` for steps ``stream, stream + stride, ...``."""
@@ -265,6 +273,7 @@ class _EpochStream(IterableDataset):
                 continue
             for reason, n in bad.items():
                 self._count(worker, reason, n)
+            self.valid[worker] += len(group)
             yield self._decode(step, group[self.first_row : self.first_row + self.local_batch], worker)
 
 
@@ -279,12 +288,25 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:
-            return iter(self.dataset)
-        return iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers))
+            yield from self.dataset
+            return
+        try:
+            yield from DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+        except BadDataError as err:  # re-raised from a worker with its traceback: keep the one-line reason
+            last = str(err).strip().splitlines()[-1]
+            raise BadDataError(last.partition(f"{BadDataError.__name__}: ")[2] or last) from None
 
     def stats(self) -> dict[str, int]:
         """Skipped/substituted sample counts per reason so far (summed over workers)."""
         return dict(zip(REASONS, self.dataset.counts.sum(0).tolist(), strict=True))
+
+    def bad_fraction(self) -> float:
+        """Bad (skipped or substituted) samples over all samples read so far (0 before any)."""
+        counts = self.dataset.counts.sum(0)
+        substituted = int(counts[REASONS.index("image_substituted")])
+        skipped = int(counts.sum()) - substituted
+        read = skipped + int(self.dataset.valid.sum())
+        return (skipped + substituted) / read if read else 0.0
 
 
 def train_loader(
@@ -333,6 +355,7 @@ def train_loader(
             "use split='global' or fewer workers"
         )
     counts = torch.zeros(workers, len(REASONS), dtype=torch.int64).share_memory_()
+    valid = torch.zeros(workers, dtype=torch.int64).share_memory_()
     dataset = _EpochStream(
         urls,
         steps=steps,
@@ -348,5 +371,6 @@ def train_loader(
         split=split,
         start_step=start_step,
         counts=counts,
+        valid=valid,
     )
     return TrainLoader(dataset, num_workers)

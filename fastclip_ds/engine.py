@@ -100,3 +100,16 @@ def clamp_logit_scale_after_step(optimizer: torch.optim.Optimizer) -> None:
                         p.clamp_(0.0, LOGIT_SCALE_MAX)
 
     optimizer.register_step_post_hook(hook)
+
+
+def steps_guarded_by_deepspeed(engine: Any) -> bool:
+    """Whether DeepSpeed's optimizer wrapper checks the gradients for inf/NaN and skips such a step itself
+    (ZeRO 1-3 and the bf16/fp16 wrappers); at ZeRO-0 fp32 the client optimizer runs unguarded."""
+    return hasattr(engine.optimizer, "overflow")
+
+
+def grads_finite(engine: Any) -> bool:
+    """All parameter gradients finite (after ``engine.backward``; at ZeRO-0 they are already averaged over ranks,
+    so every rank reaches the same answer)."""
+    peaks = [p.grad.detach().abs().amax() for p in engine.module.parameters() if p.grad is not None]
+    return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())

@@ -8,8 +8,10 @@ default: a tiny CLIP on the scikit-learn digits shards (written on first use), e
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -19,9 +21,16 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, digits
-from .config import ConfigError, RunConfig, dataset_size, load_config, total_steps, validate
-from .engine import build_ds_config, clamp_logit_scale_after_step, load_ds_config, precision_dtype
+from . import checkpoint
+from .config import ConfigError, RunConfig, check_environment, dataset_size, load_config, total_steps, validate
+from .engine import (
+    build_ds_config,
+    clamp_logit_scale_after_step,
+    grads_finite,
+    load_ds_config,
+    precision_dtype,
+    steps_guarded_by_deepspeed,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Batch keys are derived from train.global_batch_size. Default: ZeRO-2, fp32 on CPU, bf16 on GPU",
     )
     p.add_argument(
-        "--resume", metavar="latest|TAG", help="resume from RUN_DIR/checkpoints: 'latest' or a tag such as step00000100"
+        "--resume",
+        metavar="latest|TAG",
+        help="resume from RUN_DIR/checkpoints: 'latest' or a tag such as step00000100. Exact mid-epoch resume; "
+        "a different number of ranks is fine (ZeRO 1-3 states go through a DeepSpeed universal checkpoint, "
+        "made once under checkpoints/universal/)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
     p.add_argument(
@@ -79,29 +92,8 @@ def distributed_env() -> tuple[int, int, int]:
     return int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _check_output_dir(cfg: RunConfig) -> Path:
-    out = Path(cfg["train"]["output_dir"]).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise cfg.error("train.output_dir", f"{out} is not writable ({err.strerror})") from None
-    return out
-
-
-def _check_data(cfg: RunConfig) -> None:
-    from .data import expand_urls
-
-    pattern = cfg["data"]["train"]
-    if pattern == digits.train_pattern(digits.DEFAULT_ROOT):
-        digits.ensure_digits(digits.DEFAULT_ROOT)
-    missing = [u for u in expand_urls(pattern) if not Path(u).exists()]
-    if missing:
-        raise cfg.error("data.train", f"{len(missing)} shard(s) missing, first: {missing[0]}")
-    if cfg["eval"]["data"] and not Path(cfg["eval"]["data"]).expanduser().is_dir():
-        raise cfg.error("eval.data", f"{cfg['eval']['data']} is not a directory")
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite steps, too much bad data); the message is one line."""
 
 
 @dataclass
@@ -161,16 +153,27 @@ class Trainer:
         )
         enable_layerwise_lamb(self.engine)
         self.loss_fn.to(self.device)
+        self.loss_fn.defer_updates = True  # the u/τ write waits until the step is known to be applied
         self.metrics = MetricsLogger(run_dir, enabled=rank == 0)
         self.pos = Position()
+        self.saved_step = -1
+        self.nonfinite_steps = 0
 
     def tau(self) -> float:
         return self.last_tau
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> str:
-        state = {"position": vars(self.pos), "config": self.cfg.values}
-        return checkpoint.save(
+        """Save at the current step (once per step)."""
+        if self.saved_step == self.pos.global_step:
+            return checkpoint.tag_for(self.saved_step)
+        state = {
+            "position": vars(self.pos),
+            "config": self.cfg.values,
+            "last_tau": self.last_tau,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+        tag = checkpoint.save(
             self.engine,
             self.loss_fn,
             self.ckpt_dir,
@@ -178,11 +181,14 @@ class Trainer:
             state,
             keep=self.cfg["train"]["keep_checkpoints"],
         )
+        self.saved_step = self.pos.global_step
+        return tag
 
-    def resume(self, spec: str) -> None:
-        tag = checkpoint.resolve(self.ckpt_dir, spec)
-        state = checkpoint.load(self.engine, self.loss_fn, self.ckpt_dir, tag)
+    def resume(self, tag: str, *, universal: bool) -> None:
+        state = checkpoint.load(self.engine, self.loss_fn, self.ckpt_dir, tag, universal=universal)
         self.pos = Position(**state["position"])
+        self.last_tau, self.nonfinite_steps = state["last_tau"], state["nonfinite_steps"]
+        self.saved_step = self.pos.global_step
         if self.pos.step_in_epoch >= self.steps_per_epoch:
             self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
         if self.rank == 0:
@@ -191,16 +197,37 @@ class Trainer:
             )
 
     # -- training ----------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor) -> dict[str, float]:
+    def train_step(
+        self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, flags: list[int]
+    ) -> tuple[dict[str, float], bool, list[int]]:
+        """One step: ``(metrics, applied, flags)``. ``flags`` (stop requested, too much bad data) are agreed over
+        ranks together with the loss check, in one all-reduce between forward and backward. A non-finite loss
+        (any rank) skips backward; non-finite gradients skip the optimizer step (DeepSpeed's own overflow check at
+        ZeRO 1-3 / bf16, ours at ZeRO-0 fp32). A skipped step writes no per-sample loss state."""
+        from .signals import agree
+
         images = images.to(self.device, self.dtype, non_blocking=True)
         out = self.engine(image=images, text=tokens.to(self.device))
         logit_scale = out["logit_scale"].float().log().reshape(1)
         result = self.loss_fn(out["image_features"], out["text_features"], logit_scale, keys.to(self.device))
-        self.engine.backward(result["loss"])
-        self.engine.step()
+        finite = bool(torch.isfinite(result["loss"].detach()).all() and torch.isfinite(result["objective"]).all())
+        nonfinite, *flags = agree([int(not finite), *flags], self.device)
+        applied = False
+        if not nonfinite:
+            self.engine.backward(result["loss"])
+            if steps_guarded_by_deepspeed(self.engine) or grads_finite(self.engine):
+                self.engine.step()
+                applied = self.engine.was_step_applied()
+            else:
+                self.engine.zero_grad()
+        if applied:
+            self.loss_fn.commit()
+        else:
+            self.loss_fn.discard()
         values = {k: float(v.detach()) for k, v in result.items()}
-        self.last_tau = values.get("tau", self.last_tau)
-        return values
+        if applied:
+            self.last_tau = values.get("tau", self.last_tau)
+        return values, applied, flags
 
     @staticmethod
     def comm_bytes_per_step(steps: int) -> dict[str, float]:
@@ -216,6 +243,16 @@ class Trainer:
         return {f"bytes_per_step/{op}": n / steps for op, n in sent.items()}
 
     def run(self) -> dict[str, float]:
+        """Train to the end and evaluate (the eval metrics), or stop early on SIGTERM/SIGUSR1 after saving ({})."""
+        from .signals import StopRequest
+
+        self.stop = StopRequest()
+        try:
+            return self._loop()
+        finally:
+            self.stop.restore()
+
+    def _loop(self) -> dict[str, float]:
         from tqdm import tqdm
 
         from .data import train_loader
@@ -230,6 +267,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         window_start, window_steps = time.perf_counter(), 0
+        in_a_row = 0
         while self.pos.global_step < self.total_steps and self.pos.epoch < train["epochs"]:
             self.loss_fn.set_epoch(self.pos.epoch)
             loader = train_loader(
@@ -248,7 +286,26 @@ class Trainer:
                 start_step=self.pos.step_in_epoch,
             )
             for images, tokens, keys in loader:
-                values = self.train_step(images, tokens, keys)
+                too_bad = loader.bad_fraction() > data["max_bad_fraction"]
+                values, applied, (stop, bad) = self.train_step(images, tokens, keys, [self.stop.received, int(too_bad)])
+                if bad:
+                    self.metrics.log(self.pos.global_step, "data", loader.stats())
+                    raise TrainingStopped(
+                        f"bad train data: {loader.bad_fraction():.1%} of the samples read on rank {self.rank} are "
+                        f"bad, above data.max_bad_fraction={data['max_bad_fraction']} (or on another rank); "
+                        f"counts {loader.stats()}"
+                    )
+                in_a_row = 0 if applied else in_a_row + 1
+                self.nonfinite_steps += not applied
+                values["nonfinite_steps"] = self.nonfinite_steps
+                if not applied and self.rank == 0:
+                    print(f"step {self.pos.global_step + 1}: non-finite loss or gradient, step skipped", flush=True)
+                if in_a_row >= train["max_nonfinite_steps"]:
+                    raise TrainingStopped(
+                        f"{in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
+                        f"{train['max_nonfinite_steps']}) at step {self.pos.global_step + 1}; "
+                        f"last good checkpoint: {checkpoint.read_latest(self.ckpt_dir)}"
+                    )
                 self.pos.global_step += 1
                 self.pos.step_in_epoch += 1
                 self.pos.samples_seen += train["global_batch_size"]
@@ -263,8 +320,18 @@ class Trainer:
                     values.update(self.comm_bytes_per_step(window_steps))
                     self.metrics.log(self.pos.global_step, "train", values)
                     window_start, window_steps = time.perf_counter(), 0
-                if train["save_every_steps"] and self.pos.global_step % train["save_every_steps"] == 0:
+                if stop or (train["save_every_steps"] and self.pos.global_step % train["save_every_steps"] == 0):
                     self.save()
+                if stop:
+                    self.metrics.log(self.pos.global_step, "data", loader.stats())
+                    bar.close()
+                    if self.rank == 0:
+                        print(
+                            f"stopped by {signal.Signals(stop).name} after step {self.pos.global_step}: checkpoint "
+                            f"{self.ckpt_dir / checkpoint.tag_for(self.pos.global_step)}; resume with --resume latest",
+                            flush=True,
+                        )
+                    return {}
                 if cfg["eval"]["every_steps"] and self.pos.global_step % cfg["eval"]["every_steps"] == 0:
                     self.evaluate()
                 if self.pos.global_step >= self.total_steps:
@@ -303,6 +370,31 @@ class Trainer:
         return metrics
 
 
+def plan_resume(cfg: RunConfig, ds_config: dict[str, Any], spec: str, world: int) -> tuple[str, bool]:
+    """``(tag, universal)`` for ``--resume spec``, checked before any process group. A different world size at
+    ZeRO 1/2 loads through a universal checkpoint (ZeRO-0 states are not partitioned: they load as they are)."""
+    ckpt_dir = Path(cfg["train"]["output_dir"]).expanduser() / "checkpoints"
+    try:
+        tag = checkpoint.resolve(ckpt_dir, spec)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    meta = checkpoint.saved_meta(ckpt_dir, tag)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if meta["zero_stage"] != stage:
+        raise ConfigError(
+            f"--resume {spec}: {tag} was saved at ZeRO stage {meta['zero_stage']}, this run uses stage {stage}"
+        )
+    universal = meta["world_size"] != world and stage > 0
+    if universal and stage == 3:
+        raise ConfigError(
+            f"--resume {spec}: {tag} was saved on {meta['world_size']} rank(s) at ZeRO-3; resuming ZeRO-3 on a "
+            f"different number of ranks ({world}) is not supported"
+        )
+    if meta["world_size"] != world and cfg["data"]["split"] == "rank" and int(os.environ["RANK"]) == 0:
+        print(f"warning: data.split=rank: {meta['world_size']} -> {world} ranks changes the data order", flush=True)
+    return tag, universal
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     world, rank, _ = distributed_env()
@@ -317,27 +409,48 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = build_ds_config(
             ds_user, ds_source, global_batch=cfg["train"]["global_batch_size"], world_size=world, on_cuda=on_cuda
         )
-        run_dir = _check_output_dir(cfg)
-        _check_data(cfg)
+        run_dir = check_environment(cfg)
+        if rank == 0:
+            for tag in checkpoint.clean_incomplete(run_dir / "checkpoints"):
+                print(f"removed incomplete checkpoint {run_dir / 'checkpoints' / tag} (a save was cut off)", flush=True)
+        resume = plan_resume(cfg, ds_config, args.resume, world) if args.resume else None
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
     import deepspeed
+    from torch.distributed import DistError
 
     from .compat import patch_deepspeed
+    from .data import BadDataError
 
     patch_deepspeed()
-    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    timeout = cfg["train"]["collective_timeout_s"]
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     if on_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if rank == 0:
         cfg.save(run_dir / "config.json")
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    trainer = Trainer(cfg, ds_config, run_dir, rank, world)
-    if args.resume:
-        trainer.resume(args.resume)
-    metrics = trainer.run()
+    try:
+        if resume and resume[1]:
+            checkpoint.to_universal(run_dir / "checkpoints", resume[0])
+        trainer = Trainer(cfg, ds_config, run_dir, rank, world)
+        if resume:
+            trainer.resume(resume[0], universal=resume[1])
+        metrics = trainer.run()
+    except (TrainingStopped, BadDataError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except DistError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(
+            f"error: rank {rank}: a collective failed: another rank died or did not answer within "
+            f"train.collective_timeout_s={timeout} s ({first})",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)  # the process group is broken: a normal exit could wait on it
     trainer.metrics.close()
     if rank == 0 and metrics:
         (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")

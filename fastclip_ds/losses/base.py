@@ -17,6 +17,13 @@ class ContrastiveLoss(torch.nn.Module):
     """
 
     trains_logit_scale: bool = True
+    defer_updates: bool = False  # True: forward stages its per-sample state update; commit() applies it
+
+    def commit(self) -> None:
+        """Apply the state update staged by the last training forward (with ``defer_updates``)."""
+
+    def discard(self) -> None:
+        """Drop the staged state update (the step was skipped)."""
 
     def set_epoch(self, epoch: int) -> None:
         """Called at the start of every epoch (schedules that change per epoch)."""

@@ -160,8 +160,8 @@ class _FccoSurrogate(torch.autograd.Function):
             return pick(side.theta), pick(side.b), pick(side.alpha) * k
 
         off = rows.start
-        dx = block_grads(x, ts, coeffs(img, True), coeffs(txt, False), off, True, impl=impl)[0]
-        dt = block_grads(t, xs, coeffs(txt, True), coeffs(img, False), off, True, impl=impl)[0]
+        dx = block_grads(x, ts, coeffs(img, True), coeffs(txt, False), off, True, impl=impl, need_dy=False)[0]
+        dt = block_grads(t, xs, coeffs(txt, True), coeffs(img, False), off, True, impl=impl, need_dy=False)[0]
         w_img = _local(img.alpha, rows) * _local(img.theta, rows) * img.ratio
         w_txt = _local(txt.alpha, rows) * _local(txt.theta, rows) * txt.ratio
         diag = -(w_img + w_txt) * k
@@ -220,6 +220,7 @@ class FastClipLoss(ContrastiveLoss):
         self.tau_beta1, self.tau_beta2, self.tau_eps = tau_beta1, tau_beta2, tau_eps
         self.impl = impl
         self.epoch, self.steps_seen = 0, 0
+        self._staged: tuple[Tensor, Tensor] | None = None
         init = {"log_u1": -math.inf, "log_u2": -math.inf}
         if self.per_sample:
             init |= {"tau1": temperature, "tau2": temperature, "m1": 0.0, "m2": 0.0, "v1": 0.0, "v2": 0.0}
@@ -233,6 +234,15 @@ class FastClipLoss(ContrastiveLoss):
         if self.gamma_schedule == "cosine_step":
             return gamma_at("cosine", self.gamma_min, self.gamma_decay_epochs, self.steps_seen / self.steps_per_epoch)
         return gamma_at(self.gamma_schedule, self.gamma_min, self.gamma_decay_epochs, self.epoch)
+
+    def commit(self) -> None:
+        if self._staged is not None:
+            self.state.write(*self._staged)
+            self.steps_seen += 1
+            self._staged = None
+
+    def discard(self) -> None:
+        self._staged = None
 
     def save_state(self, directory: Path) -> None:
         self.state.save(directory, {"epoch": self.epoch, "steps_seen": self.steps_seen})
@@ -298,8 +308,9 @@ class FastClipLoss(ContrastiveLoss):
         if self.per_sample:
             new_state.append(self._tau_step(old, leu, ratio, gathered[1], group, uniq.numel()))
         if self.training:
-            self.state.write(gkeys, torch.cat(new_state, dim=1))
-            self.steps_seen += 1
+            self._staged = (gkeys, torch.cat(new_state, dim=1))
+            if not self.defer_updates:
+                self.commit()
 
         # the surrogate
         if self.objective == "gcl":
