@@ -1,4 +1,5 @@
-"""Evaluation: zero-shot classification (``fastclip_ds.eval.zeroshot``); :func:`evaluate` is what training calls."""
+"""Evaluation: zero-shot classification (``zeroshot``) and image↔text retrieval (``retrieval``) on
+CLIP_benchmark-style webdataset splits; :func:`evaluate` (what training calls) picks by the split's type."""
 
 from __future__ import annotations
 
@@ -6,6 +7,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+DATASET_TYPES = ("classification", "retrieval")
+
+
+def dataset_type(root: Path) -> str:
+    """``ROOT/dataset_type.txt`` (CLIP_benchmark's convention), ``classification`` when the file is absent."""
+    path = Path(root) / "dataset_type.txt"
+    if not path.is_file():
+        return "classification"
+    kind = path.read_text().strip().lower()
+    if kind not in DATASET_TYPES:
+        raise ValueError(f"eval data: {path} says {kind!r}; supported: {', '.join(DATASET_TYPES)}")
+    return kind
 
 
 def evaluate(
@@ -16,7 +30,10 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Every metric the dataset at ``root`` supports (CLIP_benchmark wds layout): zero-shot classification."""
+    """Every metric the split at ``root`` supports: zero-shot top1/top5/mean_per_class_recall (classification)
+    or i2t_r1/5/10 and t2i_r1/5/10 (retrieval)."""
+    from .retrieval import retrieval_eval
     from .zeroshot import zeroshot_eval
 
-    return zeroshot_eval(model, tokenizer, transform, root, batch_size=batch_size, device=device)
+    run = retrieval_eval if dataset_type(root) == "retrieval" else zeroshot_eval
+    return run(model, tokenizer, transform, root, batch_size=batch_size, device=device)

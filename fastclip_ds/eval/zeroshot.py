@@ -1,4 +1,4 @@
-"""Zero-shot classification on a CLIP_benchmark-style webdataset split: ``fastclip-ds eval``.
+"""Zero-shot classification on a CLIP_benchmark-style webdataset split; ``fastclip-ds eval`` (any split type).
 
 Dataset layout (CLIP_benchmark's ``wds/<name>``, as written by ``fastclip-ds data digits``)::
 
@@ -150,9 +150,11 @@ def load_open_clip_checkpoint(checkpoint: Path, model_config: Path | None = None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fastclip-ds eval",
-        description="Zero-shot classification of an open_clip checkpoint on a CLIP_benchmark-style wds split "
-        "(ROOT/classnames.txt, ROOT/zeroshot_classification_templates.txt, ROOT/test/{nshards.txt,0.tar,...}). "
-        "Prints one line of JSON: top1, top5, mean_per_class_recall, n.",
+        description="Zero-shot evaluation of an open_clip checkpoint on a CLIP_benchmark-style wds split, by "
+        "ROOT/dataset_type.txt: classification (the default; ROOT/classnames.txt, "
+        "ROOT/zeroshot_classification_templates.txt, ROOT/test/{nshards.txt,0.tar,...} with .cls labels) or "
+        "retrieval (ROOT/test shards with .txt captions, one per line). Prints one line of JSON: top1, top5, "
+        "mean_per_class_recall, n (classification) or i2t_r1/5/10, t2i_r1/5/10, n_images, n_texts (retrieval).",
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="open_clip checkpoint (fastclip-ds export)")
     arch = parser.add_mutually_exclusive_group()
@@ -166,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         model, tokenizer, preprocess = load_open_clip_checkpoint(args.checkpoint, args.model_config, args.model)
-        metrics = zeroshot_eval(model.to(args.device), tokenizer, preprocess, args.data, args.batch_size, args.device)
+        from . import evaluate
+
+        metrics = evaluate(model.to(args.device), tokenizer, preprocess, args.data, args.batch_size, args.device)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"fastclip-ds eval: error: {err}\n")
     print(json.dumps(metrics))
