@@ -1,0 +1,113 @@
+"""The experiment runner (``launchers/experiments.py``): argument parsing, summaries against hand-computed
+values, outputs of a real 2-loss sweep, the head-to-head log parsing, and the paper recipes (``recipes/``)."""
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastclip_ds.config import load_config, validate
+
+LAUNCHERS = Path(__file__).resolve().parents[1] / "launchers"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(LAUNCHERS))
+import experiments  # noqa: E402
+import head_to_head  # noqa: E402
+
+
+def test_parse_labels_and_loss_sets():
+    labels = experiments.parse_labels("openclip, v3a=fastclip_v3,fastclip_v3")
+    assert labels == {"openclip": "openclip", "v3a": "fastclip_v3", "fastclip_v3": "fastclip_v3"}
+    sets = experiments.parse_loss_sets(["v3a:loss.rho=6.5", "v3a:loss.gamma=0.2"], labels)
+    assert sets == {"openclip": [], "v3a": ["loss.rho=6.5", "loss.gamma=0.2"], "fastclip_v3": []}
+    for bad in ("clip", "openclip,openclip", ""):
+        with pytest.raises(ValueError):
+            experiments.parse_labels(bad)
+    for bad in ("v3b:loss.rho=1", "v3a:train.lr=1", "v3a:loss.name=openclip", "loss.rho=1"):
+        with pytest.raises(ValueError):
+            experiments.parse_loss_sets([bad], labels)
+
+
+def test_launch_commands():
+    cmd = experiments.launch_command("torchrun", 2, ["--set", "a.b=1"])
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"] and cmd[-4:] == [
+        "-m", "fastclip_ds.train", "--set", "a.b=1"]  # fmt: skip
+    cmd = experiments.launch_command("deepspeed", 8, [])
+    assert cmd[:3] == ["deepspeed", "--num_gpus", "8"] and cmd[-2:] == ["--module", "fastclip_ds.train"]
+    with pytest.raises(ValueError):
+        experiments.launch_command("mpirun", 2, [])
+
+
+def fake_run(run_dir: Path, batch: int, evals: list[tuple[int, float]], speeds: list[float], wall: float) -> Path:
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"train": {"global_batch_size": batch}}))
+    lines = [{"step": 10 * (i + 1), "kind": "train", "samples_per_s": s} for i, s in enumerate(speeds)]
+    lines += [{"step": step, "kind": "eval", "top1": top1, "top5": 1.0} for step, top1 in evals]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run_dir / "eval.json").write_text(json.dumps({"top1": evals[-1][1], "top5": 1.0}))
+    (run_dir / "runner.json").write_text(json.dumps({"wall_s": wall, "returncode": 0}))
+    return run_dir
+
+
+def test_read_run_and_summary_hand_computed(tmp_path):
+    a = experiments.read_run(fake_run(tmp_path / "a", 32, [(5, 0.2), (10, 0.5), (10, 0.5)], [100, 300, 200], 60))
+    assert a["curve"] == [(160, 0.2), (320, 0.5)]  # the repeated final eval counts once; samples = step * batch
+    assert a["samples_per_s"] == 200 and a["wall_s"] == 60 and a["final"]["top1"] == 0.5
+    b = experiments.read_run(fake_run(tmp_path / "b", 32, [(5, 0.4), (10, 0.7)], [100], 80))
+    rows, table = experiments.summarize({"v3": {0: a, 1: b}})
+    mean, std = rows[0]["top1"]
+    assert mean == pytest.approx(0.6) and std == pytest.approx(0.1414213562373095)  # stdev(0.5, 0.7)
+    assert rows[0]["wall_s"] == (70, pytest.approx(14.142135623730951)) and rows[0]["seeds"] == 2
+    assert "| v3 | 0.6000 ± 0.1414 | 1.0000 ± 0.0000 | 70 ± 14 | 150 | 2 |" in table
+    experiments.write_csvs(tmp_path, {"v3": {0: a, 1: b}}, {"v3": "fastclip_v3"})
+    with (tmp_path / "curves.csv").open() as f:
+        assert list(csv.reader(f))[1:] == [["v3", "0", "160", "0.2"], ["v3", "0", "320", "0.5"],
+                                          ["v3", "1", "160", "0.4"], ["v3", "1", "320", "0.7"]]  # fmt: skip
+    experiments.plot(tmp_path, {"v3": {0: a, 1: b}}, "t")
+    assert (tmp_path / "top1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_open_clip_log_throughput(tmp_path):
+    log = tmp_path / "out.log"
+    log.write_text(
+        "2026-11-27,05:00:00 | INFO | Train Epoch: 0 [  32/1408 (2%)] Data (t): 0.1 ...\n"
+        "2026-11-27,05:00:01 | INFO | Start epoch 1\n"
+        "2026-11-27,05:00:10 | INFO | Train Epoch: 1 [ 352/1408 (25%)] Data (t): 0.1 ...\n"
+    )
+    assert head_to_head.open_clip_throughput(log) == pytest.approx((1408 + 352 - 32) / 10)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.json")), ids=lambda p: p.stem)
+def test_recipes_load_and_validate(recipe):
+    cfg = load_config(recipe)
+    world, per_rank = (int(x) for x in recipe.stem.rsplit("_", 1)[1].split("x"))  # name ends in GPUSxBATCH
+    validate(cfg, world)
+    assert cfg["train"]["global_batch_size"] == world * per_rank
+    assert cfg["data"]["dataset_size"] >= cfg["data"]["num_samples"]
+    assert cfg["loss"]["name"] == "fastclip_v3" and cfg["loss"]["tau_scheduler"] == "step_thresh"
+
+
+@pytest.mark.slow  # about 60 s: two 2-rank training runs
+def test_sweep_end_to_end(tmp_path, digits_root):
+    from fastclip_ds import digits
+
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--losses", "openclip,v3=fastclip_v3", "--seeds", "0", "--nproc", "2",
+            "--global-batch", "32", "--eval-every", "4", "--timeout", "300", "--loss-set", "v3:loss.rho=6.5",
+            "--set", "model.config=fastclip-micro", "--set", f"data.train={digits.train_pattern(digits_root)}",
+            "--set", f"eval.data={digits_root / 'eval'}", "--set", "train.max_steps=8",
+            "--set", "train.warmup_steps=2"]  # fmt: skip
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    assert experiments.main(argv) == 0
+    for label in ("openclip", "v3"):
+        cfg = json.loads((out / "runs" / f"{label}_s0" / "config.json").read_text())
+        assert cfg["train"]["global_batch_size"] == 32 and cfg["train"]["max_steps"] == 8
+        assert cfg["loss"]["rho"] == (6.5 if label == "v3" else 8.0)
+    with (out / "curves.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["label"], r["samples_seen"]) for r in rows] == [("openclip", "128"), ("openclip", "256"),
+                                                               ("v3", "128"), ("v3", "256")]  # fmt: skip
+    assert (out / "top1.png").is_file() and "| v3 |" in (out / "summary.md").read_text()
