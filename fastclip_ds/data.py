@@ -135,7 +135,10 @@ def _read_tar(url: str) -> Iterator[dict[str, bytes] | str]:
                     if group:
                         yield group
                     group_key, group = (folder, stem), {}
-                group[ext.lower()] = tar.extractfile(member).read()
+                payload = tar.extractfile(member).read()
+                if len(payload) != member.size:  # a truncated tar ends inside a member without raising
+                    raise tarfile.ReadError(f"{member.name}: {len(payload)} of {member.size} bytes")
+                group[ext.lower()] = payload
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         yield "corrupt_tar"
         return

@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -93,7 +94,7 @@ def distributed_env() -> tuple[int, int, int]:
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (too many non-finite steps, too much bad data); the message is one line."""
+    """The run cannot go on (too many non-finite steps in a row); the message is one line."""
 
 
 @dataclass
@@ -198,10 +199,10 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------
     def train_step(
-        self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, flags: list[int]
-    ) -> tuple[dict[str, float], bool, list[int]]:
-        """One step: ``(metrics, applied, flags)``. ``flags`` (stop requested, too much bad data) are agreed over
-        ranks together with the loss check, in one all-reduce between forward and backward. A non-finite loss
+        self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, too_bad: bool
+    ) -> tuple[dict[str, float], bool, int, bool]:
+        """One step: ``(metrics, applied, stop signal or 0, too much bad data)``. The stop request, ``too_bad``
+        and the loss check are agreed over ranks in one all-reduce between forward and backward. A non-finite loss
         (any rank) skips backward; non-finite gradients skip the optimizer step (DeepSpeed's own overflow check at
         ZeRO 1-3 / bf16, ours at ZeRO-0 fp32). A skipped step writes no per-sample loss state."""
         from .signals import agree
@@ -211,7 +212,7 @@ class Trainer:
         logit_scale = out["logit_scale"].float().log().reshape(1)
         result = self.loss_fn(out["image_features"], out["text_features"], logit_scale, keys.to(self.device))
         finite = bool(torch.isfinite(result["loss"].detach()).all() and torch.isfinite(result["objective"]).all())
-        nonfinite, *flags = agree([int(not finite), *flags], self.device)
+        nonfinite, stop, bad = agree([int(not finite), self.stop.received, int(too_bad)], self.device)
         applied = False
         if not nonfinite:
             self.engine.backward(result["loss"])
@@ -227,7 +228,7 @@ class Trainer:
         values = {k: float(v.detach()) for k, v in result.items()}
         if applied:
             self.last_tau = values.get("tau", self.last_tau)
-        return values, applied, flags
+        return values, applied, stop, bool(bad)
 
     @staticmethod
     def comm_bytes_per_step(steps: int) -> dict[str, float]:
@@ -244,20 +245,11 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """Train to the end and evaluate (the eval metrics), or stop early on SIGTERM/SIGUSR1 after saving ({})."""
+        from tqdm import tqdm
+
         from .signals import StopRequest
 
         self.stop = StopRequest()
-        try:
-            return self._loop()
-        finally:
-            self.stop.restore()
-
-    def _loop(self) -> dict[str, float]:
-        from tqdm import tqdm
-
-        from .data import train_loader
-
-        cfg, train, data = self.cfg, self.cfg["train"], self.cfg["data"]
         bar = tqdm(
             total=self.total_steps,
             initial=self.pos.global_step,
@@ -266,6 +258,16 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        try:
+            return self._loop(bar)
+        finally:
+            bar.close()
+            self.stop.restore()
+
+    def _loop(self, bar: Any) -> dict[str, float]:
+        from .data import BadDataError, train_loader
+
+        cfg, train, data = self.cfg, self.cfg["train"], self.cfg["data"]
         window_start, window_steps = time.perf_counter(), 0
         in_a_row = 0
         while self.pos.global_step < self.total_steps and self.pos.epoch < train["epochs"]:
@@ -287,12 +289,12 @@ class Trainer:
             )
             for images, tokens, keys in loader:
                 too_bad = loader.bad_fraction() > data["max_bad_fraction"]
-                values, applied, (stop, bad) = self.train_step(images, tokens, keys, [self.stop.received, int(too_bad)])
+                values, applied, stop, bad = self.train_step(images, tokens, keys, too_bad)
                 if bad:
                     self.metrics.log(self.pos.global_step, "data", loader.stats())
-                    raise TrainingStopped(
-                        f"bad train data: {loader.bad_fraction():.1%} of the samples read on rank {self.rank} are "
-                        f"bad, above data.max_bad_fraction={data['max_bad_fraction']} (or on another rank); "
+                    raise BadDataError(
+                        f"{loader.bad_fraction():.1%} of the samples read on rank {self.rank} are bad, above "
+                        f"data.max_bad_fraction={data['max_bad_fraction']} (here or on another rank); "
                         f"counts {loader.stats()}"
                     )
                 in_a_row = 0 if applied else in_a_row + 1
@@ -324,7 +326,6 @@ class Trainer:
                     self.save()
                 if stop:
                     self.metrics.log(self.pos.global_step, "data", loader.stats())
-                    bar.close()
                     if self.rank == 0:
                         print(
                             f"stopped by {signal.Signals(stop).name} after step {self.pos.global_step}: checkpoint "
@@ -339,7 +340,7 @@ class Trainer:
             else:
                 self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
             self.metrics.log(self.pos.global_step, "data", loader.stats())
-        bar.close()
+        bar.close()  # before the eval output
         self.save()
         return self.evaluate()
 
@@ -368,6 +369,15 @@ class Trainer:
             print(f"zero-shot @ step {self.pos.global_step}: " + json.dumps(metrics), flush=True)
         dist.barrier()
         return metrics
+
+
+def collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` comes from a broken process group: torch's DistError (NCCL), or gloo's plain RuntimeError
+    for a peer that closed its connection or a collective that timed out."""
+    from torch.distributed import DistError
+
+    gloo = re.search(r"gloo.*(Connection (reset|closed)|[Tt]imed out)", str(err), re.DOTALL)
+    return isinstance(err, DistError) or (isinstance(err, RuntimeError) and gloo is not None)
 
 
 def plan_resume(cfg: RunConfig, ds_config: dict[str, Any], spec: str, world: int) -> tuple[str, bool]:
@@ -419,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import deepspeed
-    from torch.distributed import DistError
 
     from .compat import patch_deepspeed
     from .data import BadDataError
@@ -439,10 +448,15 @@ def main(argv: list[str] | None = None) -> int:
         if resume:
             trainer.resume(resume[0], universal=resume[1])
         metrics = trainer.run()
-    except (TrainingStopped, BadDataError) as err:
+    except BadDataError as err:
+        print(f"error: bad train data: {err}", file=sys.stderr, flush=True)
+        return 1
+    except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    except DistError as err:
+    except RuntimeError as err:
+        if not collective_failure(err):
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         print(
             f"error: rank {rank}: a collective failed: another rank died or did not answer within "
