@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastclip_ds.config import ConfigError, load_config, parse_override, total_steps, validate
+from fastclip_ds.config import ConfigError, check_environment, load_config, parse_override, total_steps, validate
 from fastclip_ds.engine import build_ds_config, load_ds_config
 
 
@@ -137,3 +137,64 @@ def test_shipped_ds_configs_are_valid() -> None:
     for path in sorted(Path(__file__).parents[1].glob("ds_configs/*.json")):
         user, source = load_ds_config(path, on_cuda=path.name.startswith("gpu"))
         build_ds_config(user, source, global_batch=64, world_size=2, on_cuda=path.name.startswith("gpu"))
+
+
+RELIABILITY_KEYS = [
+    ({"data": {"max_bad_fraction": 1.5}}, "data.max_bad_fraction: must be in [0, 1], got 1.5"),
+    ({"train": {"max_nonfinite_steps": 0}}, "train.max_nonfinite_steps: must be positive, got 0"),
+    ({"train": {"collective_timeout_s": 0}}, "train.collective_timeout_s: must be positive, got 0"),
+    ({"train": {"keep_checkpoints": -1}}, "train.keep_checkpoints: must be >= 0 (0 keeps all), got -1"),
+    ({"train": {"collective_timeout_s": "10m"}}, "train.collective_timeout_s: expected int or float, got '10m'"),
+]
+
+
+@pytest.mark.parametrize(("tree", "message"), RELIABILITY_KEYS)
+def test_reliability_keys_are_checked(tmp_path: Path, tree: dict, message: str) -> None:
+    path = write(tmp_path, tree)
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(path), 1)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def _environment_cases(tmp_path: Path) -> list[tuple[dict, str]]:
+    shard = tmp_path / "data" / "000000.tar"
+    shard.parent.mkdir()
+    shard.write_bytes(b"")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    ok = {"train": str(shard.parent / "{000000..000000}.tar")}
+    return [
+        (
+            {"data": {"train": str(tmp_path / "gone" / "{000000..000002}.tar")}},
+            f"data.train: '{tmp_path / 'gone' / '{000000..000002}.tar'}': 3 of 3 shard(s) missing, "
+            f"first: {tmp_path / 'gone' / '000000.tar'}",
+        ),
+        (
+            {"data": ok, "train": {"output_dir": str(blocker / "run")}},
+            f"train.output_dir: '{blocker / 'run'}' is not writable (Not a directory)",
+        ),
+        (
+            {"data": ok, "eval": {"data": str(tmp_path / "no_eval")}},
+            f"eval.data: '{tmp_path / 'no_eval'}' is not a directory",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_environment_errors_name_key_value_and_file(tmp_path: Path, case: int) -> None:
+    tree, message = _environment_cases(tmp_path)[case]
+    tree.setdefault("train", {}).setdefault("output_dir", str(tmp_path / "run"))
+    path = write(tmp_path, tree)
+    cfg = load_config(path)
+    validate(cfg, 1)
+    with pytest.raises(ConfigError) as err:
+        check_environment(cfg)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_environment_ok_creates_the_output_dir(tmp_path: Path) -> None:
+    shard = tmp_path / "000000.tar"
+    shard.write_bytes(b"")
+    tree = {"data": {"train": str(shard)}, "train": {"output_dir": str(tmp_path / "a" / "b")}, "eval": {"data": None}}
+    assert check_environment(load_config(write(tmp_path, tree))) == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir()
