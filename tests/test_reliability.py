@@ -27,6 +27,7 @@ DRIVER = '''
 """Run fastclip_ds.train with the fault named by $FAULT (kind:step) injected into this process."""
 import os, signal, sys, time
 
+import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from fastclip_ds import checkpoint, train
@@ -34,6 +35,18 @@ from fastclip_ds import checkpoint, train
 kind, _, arg = os.environ.get("FAULT", "").partition(":")
 rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 step_fn, save_fn, ds_save = train.Trainer.train_step, train.Trainer.save, DeepSpeedEngine.save_checkpoint
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward (a finite loss whose gradients are not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
 
 
 def before_step(self, *args):
@@ -44,9 +57,9 @@ def before_step(self, *args):
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "hang" and step == int(arg) and rank == world - 1:
         time.sleep(3600)
-    if kind == "nan" and str(step) in arg.split(","):
-        forward = self.loss_fn.forward
-        self.loss_fn.forward = lambda *a: {**(r := forward(*a)), "loss": r["loss"] * float("nan")}
+    if kind in ("nan", "nangrad") and str(step) in arg.split(","):
+        forward, poison = self.loss_fn.forward, (lambda x: x * float("nan")) if kind == "nan" else NanGrad.apply
+        self.loss_fn.forward = lambda *a: {**(r := forward(*a)), "loss": poison(r["loss"])}
         try:
             return step_fn(self, *args)
         finally:
@@ -203,6 +216,19 @@ def test_nan_steps_are_skipped_then_abort_keeps_the_last_checkpoint(digits_root:
     assert [train[s]["nonfinite_steps"] for s in (1, 2, 3, 4, 5)] == [0, 1, 1, 1, 2]
     assert math.isnan(train[2]["loss"]) and math.isfinite(train[3]["loss"])
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000003"
+
+
+@pytest.mark.parametrize("ds_config", ["cpu_zero0_fp32", "cpu_zero2_fp32"])
+def test_nan_gradient_skips_the_optimizer_step(digits_root: Path, tmp_path: Path, ds_config: str) -> None:
+    """ZeRO-0: our gradient check skips the step; ZeRO-2: DeepSpeed's overflow check does."""
+    out = tmp_path / "run"
+    args = small_run(digits_root, out, *FASTCLIP, "--deepspeed_config", f"ds_configs/{ds_config}.json")
+    proc = launch(tmp_path, 1, [*args, "--set", "train.max_steps=3"], "nangrad:2")
+    assert proc.returncode == 0
+    train = metrics(out, "train")
+    assert [x["nonfinite_steps"] for x in train] == [0, 1, 1] and all(math.isfinite(x["loss"]) for x in train)
+    final = weights(out, "step00000003", tmp_path)
+    assert all(torch.isfinite(v).all() for v in final.values())
 
 
 def test_loss_state_update_waits_for_commit() -> None:
