@@ -53,6 +53,10 @@ def before_step(self, *args):
     step = self.pos.global_step + 1
     if kind == "sigterm" and step == int(arg) and rank == world - 1:
         os.kill(os.getpid(), signal.SIGTERM)
+    if kind == "sigterm_tree" and step == int(arg):  # as a scheduler does: this process and its DataLoader workers
+        children = open(f"/proc/self/task/{os.getpid()}/children").read().split()
+        for pid in [*map(int, children), os.getpid()]:
+            os.kill(pid, signal.SIGTERM)
     if kind == "die" and step == int(arg) and rank == world - 1:
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "hang" and step == int(arg) and rank == world - 1:
@@ -250,10 +254,10 @@ def test_loss_state_update_waits_for_commit() -> None:
     assert not torch.equal(before, eager.state.table)
 
 
-def test_sigterm_at_world_size_one_saves_and_exits_zero(digits_root: Path, tmp_path: Path) -> None:
+def test_sigterm_to_the_process_tree_saves_and_exits_zero(digits_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = launch(tmp_path, 1, small_run(digits_root, out, "--set", "eval.data=null"), "sigterm:2")
-    assert proc.returncode == 0
+    proc = launch(tmp_path, 1, small_run(digits_root, out, "--set", "eval.data=null"), "sigterm_tree:2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stopped by SIGTERM after step 2" in proc.stdout
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
 
