@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import random
-import signal
 import tarfile
 import zlib
 from collections import Counter
@@ -281,13 +280,6 @@ class _EpochStream(IterableDataset):
             yield self._decode(step, group[self.first_row : self.first_row + self.local_batch], worker)
 
 
-def _ignore_stop_signals(_worker: int) -> None:
-    """Workers ignore SIGTERM/SIGUSR1: a scheduler that signals the whole process tree must not kill them while
-    the trainer finishes its step and saves (the DataLoader stops them itself)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 class TrainLoader:
     """Iterable over one epoch's local batches ``(images [B,3,H,W], tokens [B,L], keys [B] int64)``."""
 
@@ -302,10 +294,7 @@ class TrainLoader:
             yield from self.dataset
             return
         try:
-            loader = DataLoader(
-                self.dataset, batch_size=None, num_workers=self.num_workers, worker_init_fn=_ignore_stop_signals
-            )
-            yield from loader
+            yield from DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
         except BadDataError as err:  # re-raised from a worker with its traceback: keep the one-line reason
             last = str(err).strip().splitlines()[-1]
             raise BadDataError(last.partition(f"{BadDataError.__name__}: ")[2] or last) from None
