@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resume",
-        metavar="latest|TAG",
-        help="resume from RUN_DIR/checkpoints: 'latest' or a tag such as step00000100. Exact mid-epoch resume; "
-        "a different number of ranks is fine (ZeRO 1-3 states go through a DeepSpeed universal checkpoint, "
-        "made once under checkpoints/universal/)",
+        metavar="latest|auto|TAG",
+        help="resume from RUN_DIR/checkpoints: 'latest', a tag such as step00000100, or 'auto' (latest if there is "
+        "one, else start fresh: for requeued jobs). Exact mid-epoch resume; a different number of ranks is fine "
+        "at ZeRO 0-2 (ZeRO-1/2 states go through a DeepSpeed universal checkpoint, made once under "
+        "checkpoints/universal/)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
     p.add_argument(
@@ -380,10 +381,15 @@ def collective_failure(err: BaseException) -> bool:
     return isinstance(err, DistError) or (isinstance(err, RuntimeError) and gloo is not None)
 
 
-def plan_resume(cfg: RunConfig, ds_config: dict[str, Any], spec: str, world: int) -> tuple[str, bool]:
-    """``(tag, universal)`` for ``--resume spec``, checked before any process group. A different world size at
-    ZeRO 1/2 loads through a universal checkpoint (ZeRO-0 states are not partitioned: they load as they are)."""
+def plan_resume(cfg: RunConfig, ds_config: dict[str, Any], spec: str, world: int) -> tuple[str, bool] | None:
+    """``(tag, universal)`` for ``--resume spec`` (None: ``auto`` with no checkpoint), checked before any process
+    group. A different world size at ZeRO 1/2 loads through a universal checkpoint (ZeRO-0 states are not
+    partitioned: they load as they are)."""
     ckpt_dir = Path(cfg["train"]["output_dir"]).expanduser() / "checkpoints"
+    if spec == "auto":
+        if checkpoint.read_latest(ckpt_dir) is None:
+            return None
+        spec = checkpoint.LATEST
     try:
         tag = checkpoint.resolve(ckpt_dir, spec)
     except FileNotFoundError as err:

@@ -185,12 +185,12 @@ def test_elastic_two_to_one_to_two_ranks(reference: Path, digits_root: Path, tmp
 def test_kill_during_save_resumes_from_the_previous_checkpoint(digits_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = small_run(digits_root, out, "--set", "eval.data=null", "--set", "train.save_every_steps=2")
-    killed = launch(tmp_path, 1, args, "kill_in_save:4")
+    killed = launch(tmp_path, 1, [*args, "--resume", "auto"], "kill_in_save:4")  # no checkpoint yet: fresh
     ckpt = out / "checkpoints"
     assert killed.returncode != 0 and (ckpt / "latest").read_text().strip() == "step00000002"
     assert (ckpt / "step00000004").is_dir() and not (ckpt / "step00000004" / "complete.json").exists()
 
-    resumed = launch(tmp_path, 1, [*args, "--resume", "latest"])
+    resumed = launch(tmp_path, 1, [*args, "--resume", "auto"])
     assert resumed.returncode == 0
     assert "removed incomplete checkpoint" in resumed.stdout and "resumed from" in resumed.stdout
     assert "step00000002 at epoch 0 step 2" in resumed.stdout
