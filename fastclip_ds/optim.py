@@ -75,7 +75,29 @@ class FlatLayout:
     reduce: Callable[[torch.Tensor], Any] | None
 
 
-class Lamb(Optimizer):
+class _PerParamOptimizer(Optimizer):
+    """``step()`` boilerplate shared by LAMB and Lion: closure, dense-gradient check, one update per tensor."""
+
+    def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._update(p, self.state[p], group)
+        return loss
+
+
+class Lamb(_PerParamOptimizer):
     """LAMB (You et al. 2019) as in the public FastCLIP code; see the module docstring for the rule.
 
     ``layouts`` maps ``id(flat tensor)`` to its :class:`FlatLayout`; any other tensor is one layer.
@@ -114,39 +136,25 @@ class Lamb(Optimizer):
         for chunk, layer in zip(chunks, layers, strict=True):
             chunk.mul_(ratio[layer])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            wd = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lamb does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
-                update = (m / (1 - beta1 ** state["step"])).div_(denom)
-                if wd != 0:
-                    update.add_(p, alpha=wd)
-                    self._apply_trust_ratio(p, update)
-                p.add_(update, alpha=-group["lr"])
-        return loss
+    def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+        update = (m / (1 - beta1 ** state["step"])).div_(denom)
+        if group["weight_decay"] != 0:
+            update.add_(p, alpha=group["weight_decay"])
+            self._apply_trust_ratio(p, update)
+        p.add_(update, alpha=-group["lr"])
 
 
-class Lion(Optimizer):
+class Lion(_PerParamOptimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") with decoupled weight decay."""
 
     def __init__(
@@ -160,28 +168,15 @@ class Lion(Optimizer):
             raise ValueError(f"Lion: lr ({lr}) and weight_decay ({weight_decay}) must be >= 0")
         super().__init__(params, {"lr": lr, "betas": _check_betas(betas), "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lion does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                direction = torch.lerp(p.grad, m, beta1).sign_()
-                p.mul_(1 - lr * group["weight_decay"]).add_(direction, alpha=-lr)
-                m.lerp_(p.grad, 1 - beta2)
-        return loss
+    def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+        m = state["exp_avg"]
+        direction = torch.lerp(p.grad, m, beta1).sign_()
+        p.mul_(1 - lr * group["weight_decay"]).add_(direction, alpha=-lr)
+        m.lerp_(p.grad, 1 - beta2)
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
