@@ -182,6 +182,7 @@ def test_elastic_two_to_one_to_two_ranks(reference: Path, digits_root: Path, tmp
     assert torch.allclose(u[seen], u_ref[seen], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kill_during_save_resumes_from_the_previous_checkpoint(digits_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = small_run(digits_root, out, "--set", "eval.data=null", "--set", "train.save_every_steps=2")
@@ -262,7 +263,8 @@ def test_sigterm_to_the_process_tree_saves_and_exits_zero(digits_root: Path, tmp
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
 
 
-@pytest.mark.parametrize(("fault", "timeout"), [("die:2", 30), pytest.param("hang:2", 15, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "timeout"), [("die:2", 30), ("hang:2", 15)])
 def test_lost_rank_makes_the_other_exit_with_a_clear_message(
     digits_root: Path, tmp_path: Path, fault: str, timeout: int
 ) -> None:
@@ -322,6 +324,7 @@ def _bad_shards(root: Path, dst: Path) -> str:
     return str(dst / f"{{{urls[0].stem}..{urls[-1].stem}}}.tar")
 
 
+@pytest.mark.slow
 def test_bad_data_is_counted_then_too_much_stops(digits_root: Path, tmp_path: Path) -> None:
     pattern = _bad_shards(digits_root, tmp_path / "shards")
     out = tmp_path / "run"
