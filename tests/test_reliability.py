@@ -366,3 +366,22 @@ def test_resume_errors_are_one_line_before_any_process_group(digits_root: Path, 
     (out / "checkpoints" / "step00000002").mkdir(parents=True)
     proc = launch(tmp_path, 1, [*small_run(digits_root, out), "--resume", "step00000002"])
     assert proc.returncode == 2 and "does not exist" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_pruning_counts_complete_tags_only_and_cleaning_removes_incomplete_ones(tmp_path: Path) -> None:
+    from fastclip_ds import checkpoint
+
+    tags = [checkpoint.tag_for(s) for s in (2, 4, 6, 8)]
+    for tag in tags:
+        (tmp_path / tag).mkdir()
+        (tmp_path / "universal" / tag).mkdir(parents=True)
+        if tag != tags[-1]:  # step 8: a save cut off before complete.json
+            (tmp_path / tag / checkpoint.COMPLETE).write_text('{"step": 0, "world_size": 1, "zero_stage": 2}\n')
+    checkpoint._prune(tmp_path, keep=2, current=tags[2])
+    assert sorted(p.name for p in tmp_path.glob("step*")) == tags[1:]
+    assert sorted(p.name for p in (tmp_path / "universal").iterdir()) == tags[1:]
+    with pytest.raises(FileNotFoundError, match=r"step00000008 is incomplete \(no complete.json"):
+        checkpoint.resolve(tmp_path, tags[-1])
+    assert checkpoint.clean_incomplete(tmp_path) == [tags[-1]]
+    assert sorted(p.name for p in tmp_path.glob("step*")) == tags[1:3]
+    assert checkpoint.resolve(tmp_path, tags[1]) == tags[1]
