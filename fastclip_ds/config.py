@@ -135,20 +135,26 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), raw
 
 
+def read_json_object(path: str | os.PathLike, what: str, expected: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a one-line :class:`ConfigError` naming the file otherwise."""
+    try:
+        tree = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a JSON object {expected}")
+    return tree
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> RunConfig:
     """Defaults, then the JSON file at ``path``, then ``--set`` overrides; types and choices checked."""
     defaults = default_config()
     cfg = RunConfig(json.loads(json.dumps(defaults)))
     if path is not None:
         source = str(path)
-        try:
-            tree = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{source}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{source}: expected a JSON object with sections {', '.join(defaults)}")
+        tree = read_json_object(path, "config file", f"with sections {', '.join(defaults)}")
         for section, body in tree.items():
             if not isinstance(body, dict):
                 raise ConfigError(f"{source}: {section}: expected an object of keys, got {body!r}")
@@ -306,3 +312,63 @@ def dataset_size(cfg: RunConfig) -> int:
     """Number of per-sample state slots: ``data.dataset_size`` or, if null, ``data.num_samples``."""
     size = cfg["data"]["dataset_size"]
     return cfg["data"]["num_samples"] if size is None else size
+
+
+KEY_HELP: dict[str, str] = {
+    "data.train": "webdataset shards: brace pattern, '::' joins several (img2dataset layout, integer json 'key')",
+    "data.num_samples": "samples per epoch (steps per epoch = num_samples // global batch)",
+    "data.dataset_size": "slots of per-sample loss state, > the largest key; null = data.num_samples",
+    "data.split": "global: the global batch at step t is identical for any world size; rank: OpenCLIP-style shards",
+    "data.num_workers": "DataLoader workers per rank",
+    "data.shuffle_buffer": "samples in the shuffle buffer",
+    "data.augment": "random-crop augmentation of training images (false: the eval transform)",
+    "data.max_bad_fraction": "stop when more than this fraction of read samples is bad (corrupt, undecodable, ...)",
+    "model.config": "open_clip model name (RN50, ViT-B-32, fastclip-tiny, fastclip-micro) or a model-config JSON",
+    "loss.name": "openclip | sogclr | isogclr | fastclip_v0 | fastclip_v1 | fastclip_v2 | fastclip_v3",
+    "loss.impl": "similarity kernels: auto (triton on CUDA, else chunked) | triton | chunked | dense",
+    "loss.temperature": "initial τ (global, or every per-sample τ for fastclip_v2/isogclr)",
+    "loss.gamma": "γ_min of the u moving average (sogclr/isogclr: the constant γ)",
+    "loss.gamma_schedule": "auto | constant | cosine (per epoch, γ=1 in epoch 0) | cosine_step (per step)",
+    "loss.gamma_decay_epochs": "epochs over which the cosine γ schedule decays to γ_min",
+    "loss.rho": "ρ of the robust losses (fastclip_v2, fastclip_v3, isogclr)",
+    "loss.eps": "ε inside log(ε + g)",
+    "loss.lr_tau": "learning rate of τ; null = train.lr",
+    "loss.tau_scheduler": "τ learning-rate schedule: auto | step_thresh (÷3 once τ ≤ 0.03) | const | cosine",
+    "loss.tau_min": "lower clamp of τ (the upper clamp is 1)",
+    "loss.tau_beta1": "per-sample τ Adam β1 (fastclip_v2, isogclr)",
+    "loss.tau_beta2": "per-sample τ Adam β2",
+    "loss.tau_eps": "per-sample τ Adam ε",
+    "optimizer.name": "adamw | lamb | lion | sgd (torch implementations, any ZeRO stage)",
+    "optimizer.betas": "[β1, β2] of adamw / lamb / lion",
+    "optimizer.eps": "ε of adamw / lamb",
+    "optimizer.weight_decay": "decoupled weight decay (not on biases, norms, logit_scale)",
+    "optimizer.momentum": "sgd momentum",
+    "optimizer.nesterov": "sgd Nesterov momentum",
+    "train.global_batch_size": "batch over all ranks (DeepSpeed's batch keys are derived from it)",
+    "train.epochs": "epochs to train",
+    "train.max_steps": "optional cap on optimizer steps",
+    "train.seed": "seed of model init, data order and augmentation",
+    "train.lr": "peak learning rate",
+    "train.lr_min": "final learning rate of the cosine schedule",
+    "train.lr_scheduler": "cosine | const (both after a linear warm-up)",
+    "train.warmup_steps": "linear warm-up steps",
+    "train.save_every_steps": "checkpoint every N steps (0: only at the end and on SIGTERM/SIGUSR1)",
+    "train.keep_checkpoints": "keep the newest K checkpoints (0: keep all)",
+    "train.output_dir": "run directory (config, metrics.jsonl, tensorboard/, checkpoints/)",
+    "train.log_every_steps": "log metrics every N steps",
+    "train.max_nonfinite_steps": "abort after this many non-finite (skipped) steps in a row",
+    "train.collective_timeout_s": "a rank that waits this long on a collective exits with an error",
+    "eval.data": "zero-shot / retrieval split in CLIP_benchmark's wds layout; null: no evaluation",
+    "eval.every_steps": "evaluate every N steps (0: only at the end)",
+    "eval.batch_size": "images per evaluation batch",
+}
+
+
+def describe(defaults: dict[str, dict[str, Any]]) -> str:
+    """``key (default): help`` lines for every key of ``defaults``."""
+    lines = ["run-config keys (set in --config JSON or with --set KEY=VALUE; default in parentheses):"]
+    for section, body in defaults.items():
+        for key, value in body.items():
+            dotted = f"{section}.{key}"
+            lines.append(f"  {dotted} ({json.dumps(value)}): {KEY_HELP[dotted]}")
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, read_json_object
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 OWNED_BY_RUN_CONFIG = {
@@ -36,15 +36,7 @@ def load_ds_config(path: str | Path | None, on_cuda: bool) -> tuple[dict[str, An
     """The DeepSpeed JSON at ``path`` (or the default) and a name for it in error messages."""
     if path is None:
         return default_ds_config(on_cuda), "<default deepspeed config>"
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: deepspeed config not found") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object of DeepSpeed keys")
-    return cfg, str(path)
+    return read_json_object(path, "deepspeed config", "of DeepSpeed keys"), str(path)
 
 
 def build_ds_config(

@@ -29,7 +29,17 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .config import ConfigError, RunConfig, check_environment, dataset_size, load_config, total_steps, validate
+from .config import (
+    ConfigError,
+    RunConfig,
+    check_environment,
+    dataset_size,
+    default_config,
+    describe,
+    load_config,
+    total_steps,
+    validate,
+)
 from .engine import (
     build_ds_config,
     clamp_logit_scale_after_step,
@@ -44,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastclip-ds train",
         description=__doc__,
+        epilog=describe(default_config()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

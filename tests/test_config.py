@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from fastclip_ds.config import ConfigError, check_environment, load_config, parse_override, total_steps, validate
+from fastclip_ds.config import (
+    KEY_HELP,
+    ConfigError,
+    check_environment,
+    default_config,
+    describe,
+    load_config,
+    parse_override,
+    total_steps,
+    validate,
+)
 from fastclip_ds.engine import build_ds_config, load_ds_config
 
 
@@ -198,3 +208,11 @@ def test_environment_ok_creates_the_output_dir(tmp_path: Path) -> None:
     tree = {"data": {"train": str(shard)}, "train": {"output_dir": str(tmp_path / "a" / "b")}, "eval": {"data": None}}
     assert check_environment(load_config(write(tmp_path, tree))) == tmp_path / "a" / "b"
     assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_every_key_is_explained_in_help() -> None:
+    defaults = default_config()
+    keys = {f"{s}.{k}" for s, body in defaults.items() for k in body}
+    assert keys == set(KEY_HELP)
+    text = describe(defaults)
+    assert all(f"  {key} (" in text for key in keys)
