@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             "--zeroshot-frequency", "0", "--val-frequency", "0", "--log-every-n-steps", "10", "--local-loss",
             "--gather-with-grad",
         ]  # fmt: skip
-        oc_wall = run(torchrun(args.nproc, [str(HERE / "run_open_clip_train.py"), *oc_args]), oc_logs / "stdout.log",
-                      args.timeout)  # fmt: skip
+        oc_logs.mkdir(parents=True, exist_ok=True)
+        (oc_logs / "args.txt").write_text("\n".join(oc_args) + "\n")  # torchrun would misread --logs: see the wrapper
+        oc_wall = run(torchrun(args.nproc, [str(HERE / "run_open_clip_train.py"), f"@{oc_logs / 'args.txt'}"]),
+                      oc_logs / "stdout.log", args.timeout)  # fmt: skip
         oc_ckpt = oc_logs / name / "checkpoints" / f"epoch_{args.epochs}.pt"
         row = {
             "seed": seed,
