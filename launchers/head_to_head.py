@@ -9,9 +9,12 @@ checkpoint and eval excluded; each trainer's own logs). Default: the digits demo
     python launchers/head_to_head.py --out docs/results/head_to_head --seeds 0,1
 
 Writes ``OUT/head_to_head.md`` (table) and ``OUT/head_to_head.json`` (every number); run dirs under ``--runs-dir``.
-Differences that remain: data order (OpenCLIP resamples shards per rank with ``--dataset-resampled``, ours
-walks one seeded global stream; ``--data-split rank`` switches ours to OpenCLIP-style shard splitting), and the
-zero-shot eval ours runs at the end of training (outside the timed window).
+Differences that remain: data order (open_clip_train splits the shards over ranks, each rank shuffling its own;
+ours walks one seeded global stream, ``--data-split rank`` switches ours to the OpenCLIP-style split), and the
+zero-shot eval ours runs at the end of training (outside the timed window). Without ``--oc-resampled`` each
+rank must get the same number of full batches per epoch (digits: 14 shards of 100 over 2 ranks), or
+open_clip_train's ranks fall out of step; ``--oc-resampled`` passes ``--dataset-resampled`` (shards drawn with
+replacement per rank, OpenCLIP's usual large-scale setting).
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0", help="comma list of seeds (each seed runs both trainers)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--data-split", choices=("global", "rank"), default="global", help="our data.split")
+    p.add_argument("--oc-resampled", action="store_true", help="open_clip_train with --dataset-resampled")
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
     if args.global_batch % args.nproc:
@@ -126,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         oc_logs, name = runs / f"open_clip_train_s{seed}", "run"
         oc_args = [
             "--train-data", args.train, "--train-num-samples", str(args.num_samples), "--dataset-type", "webdataset",
-            "--dataset-resampled", "--batch-size", str(args.global_batch // args.nproc), "--epochs", str(args.epochs),
+            *(["--dataset-resampled"] if args.oc_resampled else []),
+            "--batch-size", str(args.global_batch // args.nproc),
+            "--epochs", str(args.epochs),
             "--lr", str(args.lr), "--warmup", str(args.warmup), "--wd", str(args.wd), "--beta1", "0.9", "--beta2",
             "0.98", "--eps", "1e-6", "--precision", "fp32", "--workers", "1", "--model", args.model, "--device",
             "cpu", "--seed", str(seed), "--logs", str(oc_logs), "--name", name, "--save-frequency", str(args.epochs),
