@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0", help="comma list of seeds (each seed runs both trainers)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--data-split", choices=("global", "rank"), default="global", help="our data.split")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="open_clip_train's --grad-clip-norm; keep it equal to the gradient_clipping of our DeepSpeed "
+                   "config (the default CPU config has 1.0)")  # fmt: skip
     p.add_argument("--oc-resampled", action="store_true", help="open_clip_train with --dataset-resampled")
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "0.98", "--eps", "1e-6", "--precision", "fp32", "--workers", "1", "--model", args.model, "--device",
             "cpu", "--seed", str(seed), "--logs", str(oc_logs), "--name", name, "--save-frequency", str(args.epochs),
             "--zeroshot-frequency", "0", "--val-frequency", "0", "--log-every-n-steps", "10", "--local-loss",
-            "--gather-with-grad",
+            "--gather-with-grad", "--grad-clip-norm", str(args.grad_clip),
         ]  # fmt: skip
         oc_logs.mkdir(parents=True, exist_ok=True)
         (oc_logs / "args.txt").write_text("\n".join(oc_args) + "\n")  # torchrun would misread --logs: see the wrapper
