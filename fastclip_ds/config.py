@@ -332,6 +332,7 @@ KEY_HELP: dict[str, str] = {
     "loss.gamma_decay_epochs": "epochs over which the cosine γ schedule decays to γ_min",
     "loss.rho": "ρ of the robust losses (fastclip_v2, fastclip_v3, isogclr)",
     "loss.eps": "ε inside log(ε + g)",
+    "loss.multiply_tau": "features' gradient of global-τ losses from τ·GCL (public --multiply_tau) instead of GCL",
     "loss.lr_tau": "learning rate of τ; null = train.lr",
     "loss.tau_scheduler": "τ learning-rate schedule: auto | step_thresh (÷3 once τ ≤ 0.03) | const | cosine",
     "loss.tau_min": "lower clamp of τ (the upper clamp is 1)",

@@ -103,8 +103,10 @@ def check_step(loss, name, x, t, logit_scale, keys, u_old: dict, gamma: float, e
     rtau1, rtau2 = tau1.clone().requires_grad_(), tau2.clone().requires_grad_()
     ref = dense_objective(name, rx, rt, rlam, rtau1, rtau2, u1, u2, eps, rho)
     ref.backward()
-    assert rel_err(dx, rx.grad) < 1e-10
-    assert rel_err(dt, rt.grad) < 1e-10
+    # the features' gradient is that of the objective divided by τ for RGCL-g without multiply_tau (that of GCL)
+    wscale = torch.exp(logit_scale[0]) if name in RGCL_G and not loss.multiply_tau else 1.0
+    assert rel_err(dx, rx.grad * wscale) < 1e-10
+    assert rel_err(dt, rt.grad * wscale) < 1e-10
     assert float(out["loss"].detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
     if name in LEARNT:
         assert rel_err(dlam, rlam.grad) < 1e-10
@@ -126,6 +128,22 @@ def check_step(loss, name, x, t, logit_scale, keys, u_old: dict, gamma: float, e
             assert torch.allclose(state_of(loss, keys, "v" + side), v, rtol=1e-10, atol=1e-14)
             assert torch.allclose(state_of(loss, keys, "tau" + side), (tau - step).clamp(0.01, 1), rtol=1e-10)
     return u_old | {k: (float(a), float(b)) for k, a, b in zip(keys.tolist(), u1, u2, strict=True)}
+
+
+@pytest.mark.parametrize("name", ["fastclip_v1", "fastclip_v3"])
+def test_multiply_tau_scales_only_the_feature_gradients(name: str) -> None:
+    """multiply_tau multiplies the features' gradient by τ relative to the default; τ's gradient is unchanged."""
+    x, t = features(12, 5, seed=3)
+    keys, lam = torch.arange(12), torch.tensor([math.log(1 / 0.07)], dtype=torch.float64)
+    grads = {flag: run_step(make_loss(name, multiply_tau=flag), x, t, lam, keys)[1:] for flag in (False, True)}
+    (dx0, dt0, dl0), (dx1, dt1, dl1) = grads[False], grads[True]
+    assert rel_err(dx1, 0.07 * dx0) < 1e-12 and rel_err(dt1, 0.07 * dt0) < 1e-12
+    assert (dl0 is None and dl1 is None) or rel_err(dl1, dl0) < 1e-12
+
+
+def test_multiply_tau_is_refused_for_per_sample_tau() -> None:
+    with pytest.raises(ValueError, match=r"loss\.multiply_tau: only for the global-τ losses"):
+        make_loss("fastclip_v2", multiply_tau=True)
 
 
 @pytest.mark.parametrize("eps", [1e-14, 0.3])

@@ -10,6 +10,9 @@ Config keys (the run config's ``loss`` section; :data:`DEFAULTS` lists them all)
     gamma_decay_epochs  E of the cosine γ schedule
     rho                 ρ of RGCL (fastclip_v2, fastclip_v3, isogclr)
     eps                 ε inside log(ε + g)
+    multiply_tau        features' gradient of the global-τ losses: on, that of τ·GCL (the public code's
+                        --multiply_tau; exact for fastclip_v3's RGCL-g); off, that of GCL (exact for sogclr,
+                        v0, v1). Same minimiser in w for any fixed τ; off is not damped by AdamW's ε (see README)
     lr_tau              τ learning rate; null = the model lr (the trainer passes it to build_loss as ``lr``)
     tau_scheduler       schedule of the logit_scale learning rate (the trainer's): step_thresh | const | cosine |
                         auto (cosine = the model's warm-up + cosine for openclip and v0, step_thresh for v3)
@@ -40,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "gamma_decay_epochs": 10,
     "rho": 8.0,
     "eps": 1e-14,
+    "multiply_tau": False,
     "lr_tau": None,
     "tau_scheduler": "auto",
     "tau_min": 0.01,
@@ -96,6 +100,7 @@ def build_loss(
         gamma_decay_epochs=c["gamma_decay_epochs"],
         rho=c["rho"],
         eps=c["eps"],
+        multiply_tau=c["multiply_tau"],
         temperature=c["temperature"],
         tau_min=c["tau_min"],
         lr_tau=c["lr_tau"] if c["lr_tau"] is not None else lr,
