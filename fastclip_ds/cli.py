@@ -9,7 +9,7 @@ COMMANDS = {
     "train": ("fastclip_ds.train", "train a CLIP model with DeepSpeed (also: python -m fastclip_ds.train)"),
     "data": ("fastclip_ds.digits", "write datasets: 'data digits OUT_DIR' writes the scikit-learn digits shards"),
     "export": ("fastclip_ds.export", "RUN_DIR --out model.pt: write an open_clip checkpoint + model-config JSON"),
-    "eval": ("fastclip_ds.eval.zeroshot", "zero-shot classification or image-text retrieval of an open_clip checkpoint (wds split)"),
+    "eval": ("fastclip_ds.eval.zeroshot", "zero-shot classification or retrieval of an open_clip checkpoint"),
     "bench": ("fastclip_kernels.bench", "micro-benchmark of the loss kernels against open_clip's ClipLoss"),
     "comm-bench": ("fastclip_ds.comm_bench", "bytes per step of each collective: openclip vs fastclip losses"),
 }
