@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-REASONS = ("no_image", "bad_image", "no_caption", "no_key", "corrupt_tar", "image_substituted")
+REASONS = ("no_image", "bad_image", "no_caption", "no_key", "key_out_of_range", "corrupt_tar", "image_substituted")
 SPLITS = ("global", "rank")
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -96,7 +96,7 @@ class _Raw:
     size: tuple[int, int]
 
 
-def _validate(sample: dict[str, bytes]) -> _Raw | str:
+def _validate(sample: dict[str, bytes], key_limit: int | None) -> _Raw | str:
     """The sample, or the name of the reason to skip it; looks only at raw bytes and the image header."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -111,6 +111,8 @@ def _validate(sample: dict[str, bytes]) -> _Raw | str:
         key = int(json.loads(sample["json"])["key"])
     except (KeyError, TypeError, ValueError):
         return "no_key"
+    if key_limit is not None and not 0 <= key < key_limit:
+        return "key_out_of_range"
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:  # parses the header only
             size = img.size
@@ -188,8 +190,9 @@ class _EpochStream(IterableDataset):
         start_step: int,
         counts: Tensor,
         valid: Tensor,
+        key_limit: int | None,
     ) -> None:
-        self.urls, self.steps, self.start_step = urls, steps, start_step
+        self.urls, self.steps, self.start_step, self.key_limit = urls, steps, start_step, key_limit
         self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, epoch
         self.image_transform, self.tokenizer = image_transform, tokenizer
         self.workers, self.shuffle_buffer, self.split = workers, max(shuffle_buffer, 1), split
@@ -217,7 +220,9 @@ class _EpochStream(IterableDataset):
         rank_part = self.rank if self.split == "rank" else "all"
         for pass_idx in itertools.count():
             shards = self._pass_shards(stream, pass_idx)
-            items = (_validate(s) if isinstance(s, dict) else s for url in shards for s in _read_tar(url))
+            items = (
+                _validate(s, self.key_limit) if isinstance(s, dict) else s for url in shards for s in _read_tar(url)
+            )
             rng = random.Random(f"{self.seed}:{self.epoch}:{pass_idx}:{rank_part}:{stream}:buffer")
             valid = 0
             for item in _shuffled(items, self.shuffle_buffer, rng):
@@ -327,11 +332,13 @@ def train_loader(
     shuffle_buffer: int = 1000,
     split: str = "global",
     start_step: int = 0,
+    key_limit: int | None = None,
 ) -> TrainLoader:
     """This rank's batches for steps ``start_step .. steps_per_epoch(num_samples, global_batch) - 1`` of ``epoch``.
 
     ``image_transform(PIL RGB image) -> Tensor [3,H,W]``; ``tokenizer(list[str]) -> LongTensor [n, L]``.
-    ``start_step`` skips earlier steps without decoding them (exact resume). See the module docstring
+    ``start_step`` skips earlier steps without decoding them (exact resume). With ``key_limit``, a sample whose
+    key lies outside ``[0, key_limit)`` is skipped (``key_out_of_range``). See the module docstring
     for the ``split`` modes, bad-data handling and costs.
     """
     if split not in SPLITS:
@@ -375,5 +382,6 @@ def train_loader(
         start_step=start_step,
         counts=counts,
         valid=valid,
+        key_limit=key_limit,
     )
     return TrainLoader(dataset, num_workers)

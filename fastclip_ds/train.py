@@ -304,6 +304,7 @@ class Trainer:
                 shuffle_buffer=data["shuffle_buffer"],
                 split=data["split"],
                 start_step=self.pos.step_in_epoch,
+                key_limit=self.loss_fn.key_limit,
             )
             for images, tokens, keys in loader:
                 too_bad = loader.bad_fraction() > data["max_bad_fraction"]

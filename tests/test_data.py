@@ -203,6 +203,7 @@ def bad_shards(tmp_path: Path) -> tuple[str, set[int]]:
     bad += [m for m in _sample(104) if not m[0].endswith(".txt")]  # no_caption
     bad += [m for m in _sample(105) if not m[0].endswith(".json")]  # no_key
     bad += _sample(106, meta={"id": 106})  # no_key
+    bad += _sample(110, meta={"key": 10**6})  # key_out_of_range
     bad += [m for m in _sample(107) if not m[0].endswith(".png")]  # no_image
     bad += _sample(108, png=buf.getvalue()[:-100])  # header parses, pixel data truncated: image_substituted
     bad += _sample(109)
@@ -218,8 +219,8 @@ def bad_shards(tmp_path: Path) -> tuple[str, set[int]]:
 
 def test_bad_data_is_skipped_and_counted(bad_shards: tuple[str, set[int]], caplog: pytest.LogCaptureFixture) -> None:
     pattern, valid = bad_shards
-    expected = {"no_image": 1, "bad_image": 1, "no_caption": 2, "no_key": 2, "corrupt_tar": 1}
-    kw = {"num_samples": 16, "global_batch": 8, "world_size": 2, "num_workers": 0}
+    expected = {"no_image": 1, "bad_image": 1, "no_caption": 2, "no_key": 2, "key_out_of_range": 1, "corrupt_tar": 1}
+    kw = {"num_samples": 16, "global_batch": 8, "world_size": 2, "num_workers": 0, "key_limit": 1000}
     loaders = [train_loader(pattern, **(_required() | kw | {"rank": r})) for r in range(2)]
     with caplog.at_level(logging.WARNING, logger="fastclip_ds.data"):
         per_rank = [list(loader) for loader in loaders]

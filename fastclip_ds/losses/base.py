@@ -17,6 +17,7 @@ class ContrastiveLoss(torch.nn.Module):
     """
 
     trains_logit_scale: bool = True
+    key_limit: int | None = None  # keys must lie in [0, key_limit) (losses with per-sample state); None: any key
     defer_updates: bool = False  # True: forward stages its per-sample state update; commit() applies it
 
     def commit(self) -> None:

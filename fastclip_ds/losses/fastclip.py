@@ -225,6 +225,7 @@ class FastClipLoss(ContrastiveLoss):
         if self.per_sample and multiply_tau:
             raise ValueError(f"loss.multiply_tau: only for the global-τ losses, not {name}")
         self.trains_logit_scale = name in LEARNS_LOGIT_SCALE
+        self.key_limit = dataset_size
         self.multiply_tau = multiply_tau
         self.steps_per_epoch = steps_per_epoch
         self.gamma_min, self.gamma_schedule, self.gamma_decay_epochs = gamma, gamma_schedule, gamma_decay_epochs
