@@ -21,24 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .zeroshot import IMAGE_KEYS, _param_dtype, _read_lines
+from .zeroshot import IMAGE_KEYS, _param_dtype, test_shards
 
 KS = (1, 5, 10)
 
 
 def read_retrieval_split(root: Path) -> list[str]:
     """Shard paths of the retrieval test split under ``root``."""
-    root = Path(root)
-    nshards_file = root / "test" / "nshards.txt"
-    try:
-        nshards = int(_read_lines(nshards_file)[0])
-    except ValueError:
-        raise ValueError(f"retrieval data: {nshards_file} must hold an integer") from None
-    shards = [str(root / "test" / f"{i}.tar") for i in range(nshards)]
-    missing = [s for s in shards if not Path(s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"retrieval data: {nshards_file} lists {nshards} shards but {missing[0]} is missing")
-    return shards
+    return test_shards(root, "retrieval data")
 
 
 def recall_at_k(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:

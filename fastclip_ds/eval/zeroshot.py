@@ -40,16 +40,21 @@ def read_split(root: Path) -> tuple[list[str], list[str], list[str]]:
     bad = [t for t in templates if "{c}" not in t]
     if bad:
         raise ValueError(f"zero-shot data: template without '{{c}}' in {root}: {bad[0]!r}")
-    nshards_file = root / "test" / "nshards.txt"
+    return classnames, templates, test_shards(root, "zero-shot data")
+
+
+def test_shards(root: Path, what: str) -> list[str]:
+    """``root/test/{0..n-1}.tar`` as listed by ``root/test/nshards.txt`` (CLIP_benchmark's wds layout)."""
+    nshards_file = Path(root) / "test" / "nshards.txt"
     try:
         nshards = int(_read_lines(nshards_file)[0])
     except ValueError:
-        raise ValueError(f"zero-shot data: {nshards_file} must hold an integer") from None
-    shards = [str(root / "test" / f"{i}.tar") for i in range(nshards)]
+        raise ValueError(f"{what}: {nshards_file} must hold an integer") from None
+    shards = [str(Path(root) / "test" / f"{i}.tar") for i in range(nshards)]
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:
-        raise FileNotFoundError(f"zero-shot data: {nshards_file} lists {nshards} shards but {missing[0]} is missing")
-    return classnames, templates, shards
+        raise FileNotFoundError(f"{what}: {nshards_file} lists {nshards} shards but {missing[0]} is missing")
+    return shards
 
 
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
