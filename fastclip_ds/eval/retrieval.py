@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .zeroshot import IMAGE_KEYS, _param_dtype, test_shards
+from .zeroshot import IMAGE_KEYS, _param_dtype, split_shards
 
 KS = (1, 5, 10)
 
 
 def read_retrieval_split(root: Path) -> list[str]:
     """Shard paths of the retrieval test split under ``root``."""
-    return test_shards(root, "retrieval data")
+    return split_shards(root, "retrieval data")
 
 
 def recall_at_k(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:

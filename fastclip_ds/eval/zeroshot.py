@@ -40,10 +40,10 @@ def read_split(root: Path) -> tuple[list[str], list[str], list[str]]:
     bad = [t for t in templates if "{c}" not in t]
     if bad:
         raise ValueError(f"zero-shot data: template without '{{c}}' in {root}: {bad[0]!r}")
-    return classnames, templates, test_shards(root, "zero-shot data")
+    return classnames, templates, split_shards(root, "zero-shot data")
 
 
-def test_shards(root: Path, what: str) -> list[str]:
+def split_shards(root: Path, what: str) -> list[str]:
     """``root/test/{0..n-1}.tar`` as listed by ``root/test/nshards.txt`` (CLIP_benchmark's wds layout)."""
     nshards_file = Path(root) / "test" / "nshards.txt"
     try:
