@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .zeroshot import IMAGE_KEYS, _param_dtype, split_shards
+from .zeroshot import IMAGE_KEYS, encode_images, inference, split_shards
 
 KS = (1, 5, 10)
 
@@ -75,23 +75,16 @@ def retrieval_eval(
 ) -> dict[str, float]:
     """Image↔text R@1/5/10 of ``model`` on ``root``'s retrieval test split (model mode restored)."""
     shards = read_retrieval_split(root)
-    was_training = model.training
-    model.eval()
-    dtype = _param_dtype(model)
     image_features, text_features, text_to_image = [], [], []
-    try:
-        with torch.no_grad():
-            for images, captions in _batches(shards, transform, batch_size):
-                start = sum(len(f) for f in image_features)
-                images = images.to(device=device, dtype=dtype if images.is_floating_point() else images.dtype)
-                image_features.append(F.normalize(model.encode_image(images).float(), dim=-1))
-                flat = [c for per_image in captions for c in per_image]
-                if len(flat) == 0:
-                    continue
-                text_features.append(F.normalize(model.encode_text(tokenizer(flat).to(device)).float(), dim=-1))
-                text_to_image += [start + i for i, per_image in enumerate(captions) for _ in per_image]
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for images, captions in _batches(shards, transform, batch_size):
+            start = sum(len(f) for f in image_features)
+            image_features.append(encode_images(model, images, device))
+            flat = [c for per_image in captions for c in per_image]
+            if len(flat) == 0:
+                continue
+            text_features.append(F.normalize(model.encode_text(tokenizer(flat).to(device)).float(), dim=-1))
+            text_to_image += [start + i for i, per_image in enumerate(captions) for _ in per_image]
     if not image_features:
         raise ValueError(f"retrieval data: no samples in {root}/test")
     if not text_features:

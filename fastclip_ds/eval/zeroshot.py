@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,6 +62,24 @@ def _param_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+@contextmanager
+def inference(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside; the model's previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def encode_images(model: torch.nn.Module, images: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """L2-normalised float32 image features; the images are cast to the model's parameter dtype."""
+    images = images.to(device=device, dtype=_param_dtype(model) if images.is_floating_point() else images.dtype)
+    return F.normalize(model.encode_image(images).float(), dim=-1)
+
+
 @torch.no_grad()
 def zeroshot_classifier(
     model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str]
@@ -98,27 +117,20 @@ def zeroshot_eval(
 ) -> dict[str, float]:
     """Zero-shot top-1/top-5/mean-per-class-recall of ``model`` on ``root``'s test split (model mode restored)."""
     classnames, templates, shards = read_split(root)
-    was_training = model.training
-    model.eval()
-    dtype = _param_dtype(model)
-    try:
+    with inference(model):
         classifier = zeroshot_classifier(model, tokenizer, classnames, templates)
         k = min(5, len(classnames))
         labels, top1_hits, topk_hits = [], [], []
-        with torch.no_grad():
-            for images, targets in _batches(shards, transform, batch_size):
-                images = images.to(device=device, dtype=dtype if images.is_floating_point() else images.dtype)
-                features = F.normalize(model.encode_image(images).float(), dim=-1)
-                targets = torch.as_tensor(targets, device=classifier.device)
-                bad = targets[(targets < 0) | (targets >= len(classnames))]
-                if bad.numel():
-                    raise ValueError(f"zero-shot data: label {bad[0].item()} outside 0..{len(classnames) - 1}")
-                topk = (features @ classifier).topk(k, dim=-1).indices
-                labels.append(targets)
-                top1_hits.append(topk[:, 0] == targets)
-                topk_hits.append((topk == targets[:, None]).any(dim=-1))
-    finally:
-        model.train(was_training)
+        for images, targets in _batches(shards, transform, batch_size):
+            features = encode_images(model, images, device)
+            targets = torch.as_tensor(targets, device=classifier.device)
+            bad = targets[(targets < 0) | (targets >= len(classnames))]
+            if bad.numel():
+                raise ValueError(f"zero-shot data: label {bad[0].item()} outside 0..{len(classnames) - 1}")
+            topk = (features @ classifier).topk(k, dim=-1).indices
+            labels.append(targets)
+            top1_hits.append(topk[:, 0] == targets)
+            topk_hits.append((topk == targets[:, None]).any(dim=-1))
     if not labels:
         raise ValueError(f"zero-shot data: no samples in {root}/test")
     labels, top1, topk = torch.cat(labels), torch.cat(top1_hits).double(), torch.cat(topk_hits).double()
