@@ -87,6 +87,72 @@ def score(checkpoint: Path, model: str, data: Path) -> dict[str, float]:
     return evaluate(net, tokenizer, preprocess, data)
 
 
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """Means over the seeds and the paired top-1 difference (ours - open_clip_train) with its 95 % t interval."""
+    from scipy import stats
+
+    ours = [r["ours"]["top1"] for r in rows]
+    theirs = [r["open_clip"]["top1"] for r in rows]
+    diff = [a - b for a, b in zip(ours, theirs, strict=True)]
+    out = {
+        "seeds": len(rows),
+        "ours_top1": statistics.fmean(ours),
+        "open_clip_top1": statistics.fmean(theirs),
+        "diff_top1": statistics.fmean(diff),
+        "speed_ratio": statistics.fmean(r["speed_ratio"] for r in rows),
+        "speed_ratio_min": min(r["speed_ratio"] for r in rows),
+    }
+    if len(rows) > 1:
+        half = stats.t.ppf(0.975, len(rows) - 1) * statistics.stdev(diff) / len(rows) ** 0.5
+        out |= {
+            "ours_top1_std": statistics.stdev(ours),
+            "open_clip_top1_std": statistics.stdev(theirs),
+            "diff_top1_std": statistics.stdev(diff),
+            "diff_ci95": [out["diff_top1"] - half, out["diff_top1"] + half],
+            "ours_ahead": sum(d > 0 for d in diff),
+        }
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: one line per seed, then the means and the paired difference."""
+    lines = [
+        "| seed | ours samples/s | open_clip_train samples/s | ratio | ours top-1 | open_clip_train top-1 "
+        "| ours wall s | open_clip_train wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['seed']} | {r['ours_samples_per_s']:.1f} | {r['open_clip_samples_per_s']:.1f} | "
+            f"{r['speed_ratio']:.2f} | {r['ours']['top1']:.4f} | {r['open_clip']['top1']:.4f} | "
+            f"{r['ours_wall_s']:.0f} | {r['open_clip_wall_s']:.0f} |"
+        )
+    if len(rows) > 1:
+        s = summarize(rows)
+        lines.append(
+            f"| mean ± std | {statistics.fmean(r['ours_samples_per_s'] for r in rows):.1f} | "
+            f"{statistics.fmean(r['open_clip_samples_per_s'] for r in rows):.1f} | {s['speed_ratio']:.2f} | "
+            f"{s['ours_top1']:.4f} ± {s['ours_top1_std']:.4f} | "
+            f"{s['open_clip_top1']:.4f} ± {s['open_clip_top1_std']:.4f} | | |"
+        )
+        lo, hi = s["diff_ci95"]
+        lines += [
+            "",
+            f"Paired top-1 difference (ours - open_clip_train) over {s['seeds']} seeds: {s['diff_top1']:+.4f} "
+            f"± {s['diff_top1_std']:.4f} (std), 95 % t interval [{lo:+.4f}, {hi:+.4f}]; ours ahead in "
+            f"{s['ours_ahead']} of {s['seeds']}. Speed ratio: mean {s['speed_ratio']:.2f}, lowest "
+            f"{s['speed_ratio_min']:.2f}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """``OUT/head_to_head.json`` (arguments, rows, summary) and ``OUT/head_to_head.md`` (the table)."""
+    report = {"args": vars(args) | {"out": str(args.out)}, "rows": rows, "summary": summarize(rows)}
+    (args.out / "head_to_head.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / "head_to_head.md").write_text(table(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastclip_ds import digits
 
@@ -109,14 +175,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="open_clip_train's --grad-clip-norm; keep it equal to the gradient_clipping of our DeepSpeed "
                    "config (the default CPU config has 1.0)")  # fmt: skip
     p.add_argument("--oc-resampled", action="store_true", help="open_clip_train with --dataset-resampled")
-    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of OUT/head_to_head.json (except the seeds rerun now) and add these seeds",
+    )
+    p.add_argument("--timeout", type=float, default=1800, help="seconds each training run may take")
     args = p.parse_args(argv)
     if args.global_batch % args.nproc:
         p.error(f"--global-batch {args.global_batch} is not divisible by --nproc {args.nproc}")
     runs = args.runs_dir or args.out / "runs"
     args.out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    previous = args.out / "head_to_head.json"
     rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    if args.append and previous.is_file():
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["seed"] not in seeds]
+    for seed in seeds:
         ours_dir = runs / f"ours_s{seed}"
         sets = {
             "loss.name": "openclip", "model.config": args.model, "data.train": args.train,
@@ -159,29 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         row["speed_ratio"] = row["ours_samples_per_s"] / row["open_clip_samples_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    (args.out / "head_to_head.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows},
-                                                           indent=2, default=str) + "\n")  # fmt: skip
-    lines = [
-        "| seed | ours samples/s | open_clip_train samples/s | ratio | ours top-1 | open_clip_train top-1 "
-        "| ours wall s | open_clip_train wall s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['seed']} | {r['ours_samples_per_s']:.1f} | {r['open_clip_samples_per_s']:.1f} | "
-            f"{r['speed_ratio']:.2f} | {r['ours']['top1']:.4f} | {r['open_clip']['top1']:.4f} | "
-            f"{r['ours_wall_s']:.0f} | {r['open_clip_wall_s']:.0f} |"
-        )
-    if len(rows) > 1:
-        mean = {k: statistics.fmean(r[k] for r in rows) for k in ("ours_samples_per_s", "open_clip_samples_per_s")}
-        lines.append(
-            f"| mean | {mean['ours_samples_per_s']:.1f} | {mean['open_clip_samples_per_s']:.1f} | "
-            f"{statistics.fmean(r['speed_ratio'] for r in rows):.2f} | "
-            f"{statistics.fmean(r['ours']['top1'] for r in rows):.4f} | "
-            f"{statistics.fmean(r['open_clip']['top1'] for r in rows):.4f} | | |"
-        )
-    (args.out / "head_to_head.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write(args, rows)  # after every seed: an interrupted sweep keeps what it measured
+    print(table(rows), end="")
     return 0
 
 

@@ -69,8 +69,9 @@ def _drop_shard_markers() -> None:
     oc_data.group_by_keys_nothrow = grouped
 
 
-if __name__ == "__main__":
-    if importlib.util.find_spec("pandas") is None:
+def prepare() -> None:
+    """Make open_clip_train importable and runnable here: pandas placeholder, our model configs, CPU DDP, markers."""
+    if importlib.util.find_spec("pandas") is None and "pandas" not in sys.modules:
         sys.modules["pandas"] = placeholder = _MissingPandas("pandas")
         placeholder.__spec__ = importlib.machinery.ModuleSpec("pandas", None)
     open_clip_with_configs()
@@ -79,5 +80,9 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         _cpu_ddp()
     _drop_shard_markers()
+
+
+if __name__ == "__main__":
+    prepare()
     sys.argv = ["open_clip_train.main", *expand(sys.argv[1:])]
     runpy.run_module("open_clip_train.main", run_name="__main__", alter_sys=True)

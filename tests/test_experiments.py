@@ -111,3 +111,24 @@ def test_sweep_end_to_end(tmp_path, digits_root):
     assert [(r["label"], r["samples_seen"]) for r in rows] == [("openclip", "128"), ("openclip", "256"),
                                                                ("v3", "128"), ("v3", "256")]  # fmt: skip
     assert (out / "top1.png").is_file() and "| v3 |" in (out / "summary.md").read_text()
+
+
+def test_head_to_head_summary_and_table():
+    def row(seed, ours, theirs, ratio):
+        return {"seed": seed, "ours": {"top1": ours}, "open_clip": {"top1": theirs}, "speed_ratio": ratio,
+                "ours_samples_per_s": 90.0 * ratio, "open_clip_samples_per_s": 90.0, "ours_wall_s": 60,
+                "open_clip_wall_s": 60}  # fmt: skip
+
+    rows = [row(0, 0.7, 0.6, 0.9), row(1, 0.8, 0.8, 1.0), row(2, 0.6, 0.8, 1.1)]
+    s = head_to_head.summarize(rows)
+    half = 4.302652729749464 * 0.15275252316519466 / 3**0.5  # t(0.975, 2 dof) * stdev(0.1, 0, -0.2) / sqrt(3)
+    assert s["diff_top1"] == pytest.approx(-0.1 / 3) and s["diff_top1_std"] == pytest.approx(0.15275252316519466)
+    assert s["diff_ci95"] == pytest.approx([-0.1 / 3 - half, -0.1 / 3 + half])
+    assert (s["ours_ahead"], s["seeds"], s["speed_ratio_min"]) == (1, 3, 0.9)
+    assert s["speed_ratio"] == pytest.approx(1.0) and s["ours_top1"] == pytest.approx(0.7)
+    text = head_to_head.table(rows)
+    assert "| mean ± std | 90.0 | 90.0 | 1.00 | 0.7000 ± 0.1000 | 0.7333 ± 0.1155 | | |" in text
+    assert "-0.0333 ± 0.1528 (std), 95 % t interval [-0.4128, +0.3461]; ours ahead in 1 of 3" in text
+    assert head_to_head.summarize(rows[:1]) == {"seeds": 1, "ours_top1": 0.7, "open_clip_top1": 0.6,
+                                                 "diff_top1": pytest.approx(0.1), "speed_ratio": 0.9,
+                                                 "speed_ratio_min": 0.9}  # fmt: skip
