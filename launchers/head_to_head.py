@@ -1,7 +1,11 @@
 """Head-to-head: our trainer (``loss.name=openclip``) vs OpenCLIP's own ``open_clip_train`` on the same setup.
 
 Both run under torchrun with the same shards, model config, global batch, epochs (samples), optimizer
-(AdamW, lr, betas, eps, weight decay), warm-up + cosine schedule, fp32 precision, seed and number of ranks.
+(AdamW, lr, betas, eps, weight decay), warm-up + cosine schedule, gradient clipping (read from our DeepSpeed
+config), fp32 precision, seed (hence the same initial weights) and number of ranks. Ours runs with
+``--ds-config``, by default ZeRO-0: like open_clip_train's DDP, every rank keeps the whole optimizer state.
+``launchers/update_parity.py`` checks that, from the same weights on the same batches, the two trainers take
+the same steps.
 Both exports are scored by our zero-shot eval (``fastclip_ds.eval``). Throughput is the steady-state train
 rate: samples between the first and the last train log line over the time between them (startup, final
 checkpoint and eval excluded; each trainer's own logs). Default: the digits demo on 2 CPU ranks::
@@ -9,12 +13,12 @@ checkpoint and eval excluded; each trainer's own logs). Default: the digits demo
     python launchers/head_to_head.py --out docs/results/head_to_head --seeds 0,1
 
 Writes ``OUT/head_to_head.md`` (table) and ``OUT/head_to_head.json`` (every number); run dirs under ``--runs-dir``.
-Differences that remain: data order (open_clip_train splits the shards over ranks, each rank shuffling its own;
-ours walks one seeded global stream, ``--data-split rank`` switches ours to the OpenCLIP-style split), and the
-zero-shot eval ours runs at the end of training (outside the timed window). Without ``--oc-resampled`` each
-rank must get the same number of full batches per epoch (digits: 14 shards of 100 over 2 ranks), or
-open_clip_train's ranks fall out of step; ``--oc-resampled`` passes ``--dataset-resampled`` (shards drawn with
-replacement per rank, OpenCLIP's usual large-scale setting).
+Differences that remain: the augmentation draws and the data order (open_clip_train splits the shards over
+ranks, each rank shuffling its own; ours walks one seeded global stream, ``--data-split rank`` switches ours to
+the OpenCLIP-style split), and the zero-shot eval ours runs at the end of training (outside the timed window).
+Without ``--oc-resampled`` each rank must get the same number of full batches per epoch (digits: 14 shards of
+100 over 2 ranks), or open_clip_train's ranks fall out of step; ``--oc-resampled`` passes ``--dataset-resampled``
+(shards drawn with replacement per rank, OpenCLIP's usual large-scale setting).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 from experiments import free_port  # launchers/ is on sys.path when this file runs as a script
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d,\d\d:\d\d:\d\d) \| INFO \| Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
 
 
@@ -163,17 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=digits.NUM_TRAIN, help="samples per epoch")
     p.add_argument("--eval-data", type=Path, default=digits.eval_root(digits.DEFAULT_ROOT), help="eval split")
     p.add_argument("--model", default="fastclip-tiny", help="registered model name (ours ship fastclip-*)")
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--global-batch", type=int, default=32, help="global batch (split evenly over --nproc ranks)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs over --num-samples")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on gains, biases, logit_scale)")
     p.add_argument("--seeds", default="0", help="comma list of seeds (each seed runs both trainers)")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="ranks per trainer (torchrun --nproc_per_node)")
     p.add_argument("--data-split", choices=("global", "rank"), default="global", help="our data.split")
-    p.add_argument("--grad-clip", type=float, default=1.0,
-                   help="open_clip_train's --grad-clip-norm; keep it equal to the gradient_clipping of our DeepSpeed "
-                   "config (the default CPU config has 1.0)")  # fmt: skip
+    p.add_argument("--ds-config", type=Path, default=REPO / "ds_configs" / "cpu_zero0_fp32.json",
+                   help="our DeepSpeed config; its gradient_clipping is passed to open_clip_train as "
+                   "--grad-clip-norm")  # fmt: skip
     p.add_argument("--oc-resampled", action="store_true", help="open_clip_train with --dataset-resampled")
     p.add_argument(
         "--append",
@@ -184,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.global_batch % args.nproc:
         p.error(f"--global-batch {args.global_batch} is not divisible by --nproc {args.nproc}")
+    clip = json.loads(args.ds_config.read_text()).get("gradient_clipping", 0.0)
     runs = args.runs_dir or args.out / "runs"
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -200,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer.weight_decay": args.wd, "train.seed": seed, "train.output_dir": str(ours_dir),
             "eval.data": str(args.eval_data), "eval.every_steps": 0, "train.log_every_steps": 10,
         }  # fmt: skip
-        ours_cmd = ["-m", "fastclip_ds.train", *(x for k, v in sets.items() for x in ("--set", f"{k}={v}"))]
+        ours_cmd = [
+            "-m",
+            "fastclip_ds.train",
+            "--deepspeed_config",
+            str(args.ds_config),
+            *(x for k, v in sets.items() for x in ("--set", f"{k}={v}")),
+        ]
         ours_wall = run(torchrun(args.nproc, ours_cmd), ours_dir / "train.log", args.timeout)
         subprocess.run([sys.executable, "-m", "fastclip_ds.export", str(ours_dir), "--out", str(ours_dir / "model.pt")],
                        check=True, timeout=600, capture_output=True)  # fmt: skip
@@ -215,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "0.98", "--eps", "1e-6", "--precision", "fp32", "--workers", "1", "--model", args.model, "--device",
             "cpu", "--seed", str(seed), "--logs", str(oc_logs), "--name", name, "--save-frequency", str(args.epochs),
             "--zeroshot-frequency", "0", "--val-frequency", "0", "--log-every-n-steps", "10", "--local-loss",
-            "--gather-with-grad", "--grad-clip-norm", str(args.grad_clip),
+            "--gather-with-grad", *(["--grad-clip-norm", str(clip)] if clip else []),
         ]  # fmt: skip
         oc_logs.mkdir(parents=True, exist_ok=True)
         (oc_logs / "args.txt").write_text("\n".join(oc_args) + "\n")  # torchrun would misread --logs: see the wrapper
