@@ -23,7 +23,8 @@ batches depend on the world size and worker count (resume is exact only with bot
 Bad data is skipped and counted per reason (see :data:`REASONS`; a warning once per reason and process),
 from the raw bytes that every rank reads, so all ranks make the same grouping decision: a missing image,
 an image whose header PIL cannot identify, a missing/empty caption, a missing/non-integer ``json`` key,
-and a corrupt tar (the rest of that tar is skipped, including the sample being read). An image whose
+and a corrupt tar (a read error, or no end-of-archive block where it stops: cut or bad header; the rest of
+that tar is skipped, including the sample being read). An image whose
 header parses but whose full decode fails on the owning rank is replaced by a black image of the header's
 size (key and caption kept, so every rank's batch stays aligned) and counted as ``image_substituted``.
 Counts: :meth:`TrainLoader.stats`; :meth:`TrainLoader.bad_fraction` is the share of bad samples among those read
@@ -49,6 +50,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -121,11 +123,31 @@ def _validate(sample: dict[str, bytes], key_limit: int | None) -> _Raw | str:
     return _Raw(key, caption, sample[ext], size)
 
 
+class _LastRead:
+    """A tar's (decompressed) stream that remembers its last ``read``: where tarfile stops iterating, that is the
+    block it stopped at, which in a whole archive is the all-zero end-of-archive block."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.last = stream, None
+
+    def read(self, size: int = -1) -> bytes:
+        self.last = self.stream.read(size)
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def _read_tar(url: str) -> Iterator[dict[str, bytes] | str]:
-    """Member groups (extension -> bytes) of consecutive same-key files, then ``"corrupt_tar"`` on a read error."""
+    """Member groups (extension -> bytes) of consecutive same-key files, then ``"corrupt_tar"`` on a read error.
+
+    tarfile ends an archive silently where a header is cut short, missing or corrupt; such a tar lacks the
+    end-of-archive block where iteration stopped, and counts as corrupt too (the sample being read is lost).
+    """
     group_key, group = None, {}
     try:
         with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            tar.fileobj = tail = _LastRead(tar.fileobj)
             for member in tar:
                 if not member.isfile():
                     continue
@@ -141,6 +163,8 @@ def _read_tar(url: str) -> Iterator[dict[str, bytes] | str]:
                 if len(payload) != member.size:  # a truncated tar ends inside a member without raising
                     raise tarfile.ReadError(f"{member.name}: {len(payload)} of {member.size} bytes")
                 group[ext.lower()] = payload
+            if tail.last is not None and tail.last != bytes(tarfile.BLOCKSIZE):
+                raise tarfile.ReadError(f"{url}: no end-of-archive block after {tar.offset} bytes")
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         yield "corrupt_tar"
         return

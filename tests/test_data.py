@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip_ds.data import REASONS, expand_urls, steps_per_epoch, train_loader
+from fastclip_ds.data import REASONS, _read_tar, expand_urls, steps_per_epoch, train_loader
 from fastclip_ds.digits import NUM_TRAIN, train_pattern
 
 TOKEN_LEN = 64
@@ -297,3 +298,35 @@ def test_real_open_clip_tokenizer_and_transform(pattern: str, reference: dict) -
     assert torch.equal(tokens, tokenizer([reference[k][0] for k in keys.tolist()]))
     again = load(pattern, tokenizer=tokenizer, **kw)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))  # reproducible augmentation
+
+
+def _reasons(path: Path) -> list:
+    return [x if isinstance(x, str) else json.loads(x["json"])["key"] for x in _read_tar(str(path))]
+
+
+@pytest.mark.parametrize(
+    ("cut", "kept"),
+    [
+        (None, [0, 1, 2]),  # whole archive
+        ("boundary", [0, 1]),  # ends after sample 2's last member: no end-of-archive block
+        ("in_header", [0, 1]),  # ends 100 bytes into the header after sample 2
+        ("bad_header", [0]),  # garbage where sample 2's first header is
+    ],
+)
+def test_tar_ending_without_end_block_is_corrupt(tmp_path: Path, cut: str | None, kept: list) -> None:
+    data = _tar_bytes([m for k in range(3) for m in _sample(k)])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        last = tar.getmember("000002.json")
+        end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        start2 = tar.getmember("000002.png").offset
+    data = {
+        None: data,
+        "boundary": data[:end],
+        "in_header": data[: end + 100],
+        "bad_header": data[:start2] + b"\x07" * tarfile.BLOCKSIZE + data[start2 + tarfile.BLOCKSIZE :],
+    }[cut]
+    (tmp_path / "s.tar").write_bytes(data)
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(data))
+    expected = kept + ([] if cut is None else ["corrupt_tar"])
+    assert _reasons(tmp_path / "s.tar") == expected
+    assert _reasons(tmp_path / "s.tar.gz") == expected
