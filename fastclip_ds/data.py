@@ -24,9 +24,9 @@ Bad data is skipped and counted per reason (see :data:`REASONS`; a warning once 
 from the raw bytes that every rank reads, so all ranks make the same grouping decision: a missing image,
 an image whose header PIL cannot identify, a missing/empty caption, a missing/non-integer ``json`` key,
 and a corrupt tar (a read error, or no end-of-archive block where it stops: cut or bad header; the rest of
-that tar is skipped, including the sample being read). An image whose
-header parses but whose full decode fails on the owning rank is replaced by a black image of the header's
-size (key and caption kept, so every rank's batch stays aligned) and counted as ``image_substituted``.
+that tar is skipped, including the sample being read). An image whose header parses but whose full decode
+fails on the owning rank is replaced by a black image of the header's size (key and caption kept, so every
+rank's batch stays aligned) and counted as ``image_substituted``.
 Counts: :meth:`TrainLoader.stats`; :meth:`TrainLoader.bad_fraction` is the share of bad samples among those read
 (the trainer stops past ``data.max_bad_fraction``). A pass over the data with no valid sample at all raises
 :class:`BadDataError`. In ``"global"`` mode every rank counts the same skipped samples
