@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,52 +80,37 @@ def parity(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], init:
     return {"worst_gap_over_update": max(ratios), "tensors": len(rows), "moved": len(ratios), "per_tensor": rows}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps of each trainer (K)")
-    p.add_argument("--out", type=Path, required=True, help="JSON report (written by rank 0)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="our run config overrides")
-    args = p.parse_args(argv)
-
-    from run_open_clip_train import prepare  # launchers/ is on sys.path when this file runs as a script
-
-    prepare()
+def train_both(cfg: Any, world: int, rank: int, steps: int) -> tuple[dict, dict, dict]:
+    """``(initial, ours, theirs)`` weights (open_clip layout) after ``steps`` steps of each trainer."""
     import deepspeed
     from open_clip_train.data import DataInfo
     from open_clip_train.scheduler import cosine_lr
     from open_clip_train.train import train_one_epoch
 
     from fastclip_ds.compat import patch_deepspeed
-    from fastclip_ds.config import load_config, validate
+    from fastclip_ds.config import validate
     from fastclip_ds.data import train_loader
     from fastclip_ds.engine import build_ds_config, default_ds_config
     from fastclip_ds.model import open_clip_with_configs, to_open_clip_state_dict
-    from fastclip_ds.train import Trainer, distributed_env
+    from fastclip_ds.signals import StopRequest
+    from fastclip_ds.train import Trainer
 
-    world, rank, _ = distributed_env()
-    run_dir = args.out.parent / "parity_run"
-    cfg = load_config(None, ["loss.name=openclip", f"train.output_dir={run_dir}", *args.set])
     validate(cfg, world)
-    ds_config = build_ds_config(default_ds_config(False), "<default>", global_batch=cfg["train"]["global_batch_size"],
+    train, data = cfg["train"], cfg["data"]
+    ds_config = build_ds_config(default_ds_config(False), "<default>", global_batch=train["global_batch_size"],
                                 world_size=world, on_cuda=False)  # fmt: skip
     patch_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
-    run_dir = Path(cfg["train"]["output_dir"])  # a --set may have moved it
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, ds_config, run_dir, rank, world)
+    trainer = Trainer(cfg, ds_config, Path(train["output_dir"]), rank, world)
     init = {k: v.detach().clone() for k, v in to_open_clip_state_dict(trainer.engine.module.state_dict()).items()}
 
-    train, data = cfg["train"], cfg["data"]
     loader = train_loader(data["train"], num_samples=data["num_samples"], global_batch=train["global_batch_size"],
                           world_size=world, rank=rank, seed=train["seed"], epoch=0,
                           image_transform=trainer.bundle.eval_transform, tokenizer=trainer.bundle.tokenizer,
                           num_workers=0)  # fmt: skip
-    batches = [b for _, b in zip(range(args.steps), loader, strict=False)]
-    if len(batches) < args.steps:
+    batches = [b for _, b in zip(range(steps), loader, strict=False)]
+    if len(batches) < steps:
         raise SystemExit(f"only {len(batches)} steps in an epoch of this data; lower --steps")
-
-    from fastclip_ds.signals import StopRequest
-
     trainer.stop = StopRequest()
     try:
         for images, tokens, keys in batches:
@@ -140,13 +126,38 @@ def main(argv: list[str] | None = None) -> int:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = open_clip_optimizer(model, oc_args)
     scheduler = cosine_lr(optimizer, oc_args.lr, oc_args.warmup, trainer.total_steps)
-    loss = open_clip.create_loss(oc_args)
     feed = _Batches([(images, tokens) for images, tokens, _ in batches], train["global_batch_size"])
+    loss = open_clip.create_loss(oc_args)
     train_one_epoch(ddp, {"train": DataInfo(feed)}, loss, 0, optimizer, None, scheduler, None, oc_args)
-    theirs = {k: v.detach() for k, v in model.state_dict().items()}
+    return init, ours, {k: v.detach() for k, v in model.state_dict().items()}
 
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps of each trainer (K)")
+    p.add_argument("--out", type=Path, required=True, help="JSON report (written by rank 0)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="our run config override (repeatable); loss.name is openclip, train.output_dir a temp dir",
+    )
+    args = p.parse_args(argv)
+
+    from run_open_clip_train import prepare  # launchers/ is on sys.path when this file runs as a script
+
+    prepare()
+    from fastclip_ds.config import load_config
+    from fastclip_ds.train import distributed_env
+
+    world, rank, _ = distributed_env()
+    with tempfile.TemporaryDirectory(prefix="update_parity_") as run_dir:  # our trainer's logs; nothing is kept
+        cfg = load_config(None, ["loss.name=openclip", *args.set, f"train.output_dir={run_dir}"])
+        init, ours, theirs = train_both(cfg, world, rank, args.steps)
     if rank == 0:
         report = {"steps": args.steps, "world_size": world, "config": cfg.values, **parity(ours, theirs, init)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         worst = sorted(report["per_tensor"].items(), key=lambda kv: -(kv[1]["gap_over_update"] or 0))[:5]
         print(f"worst gap/update over {report['moved']} moved tensors: {report['worst_gap_over_update']:.3e}")
