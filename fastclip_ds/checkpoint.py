@@ -179,16 +179,35 @@ def _load_zero12_optimizer(engine: Any, folder: Path) -> None:
         group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
+def _repair_zero3_universal_load(engine: Any, groups: list[dict], settings: list[dict[str, Any]]) -> None:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal loader: it gives every parameter group the first
+    group's settings (weight decay, lr), and one ``step`` tensor to every group's state, which each group's
+    optimizer step then increments (wrong Adam bias corrections from the second group on)."""
+    for group, own in zip(groups, settings, strict=True):
+        group.update(own)
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    engine.lr_scheduler.load_state_dict(engine.lr_scheduler.state_dict())  # this step's lrs, per group
+
+
 def load(engine: Any, loss_fn: Any, ckpt_dir: Path, tag: str, *, universal: bool = False) -> dict[str, Any]:
-    """Load on every rank; returns the client state saved with the tag. ``universal``: a different world size at
-    ZeRO 1/2: module, scheduler and client state from :func:`to_universal`'s output, then the optimizer by
-    :func:`_load_zero12_optimizer`. RNG states are restored when the world size is unchanged (per rank)."""
+    """Load on every rank; returns the client state saved with the tag. ``universal``: a different world size,
+    from :func:`to_universal`'s output: at ZeRO 1/2 module, scheduler and client state through DeepSpeed, then the
+    optimizer by :func:`_load_zero12_optimizer`; at ZeRO-3 all through DeepSpeed (``checkpoint.load_universal``,
+    set by the trainer), then :func:`_repair_zero3_universal_load`. RNG states are restored when the world size
+    is unchanged (per rank)."""
     load_dir = ckpt_dir / UNIVERSAL if universal else ckpt_dir
-    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=not universal)
+    own_loader = universal and engine.zero_optimization_stage() in (1, 2)
+    groups = engine.optimizer.optimizer.param_groups if universal else []
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=not own_loader)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-    if universal:
+    if own_loader:
         _load_zero12_optimizer(engine, load_dir / tag / "zero")
+    elif universal:
+        _repair_zero3_universal_load(engine, groups, settings)
     loss_fn.load_state(ckpt_dir / tag / "loss_state")
     if saved_meta(ckpt_dir, tag)["world_size"] == dist.get_world_size():
         # our own file: python/numpy states are tuples with arrays, which weights_only refuses

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="latest|auto|TAG",
         help="resume from RUN_DIR/checkpoints: 'latest', a tag such as step00000100, or 'auto' (latest if there is "
         "one, else start fresh: for requeued jobs). Exact mid-epoch resume; a different number of ranks is fine "
-        "at ZeRO 0-2 (ZeRO-1/2 states go through a DeepSpeed universal checkpoint, made once under "
+        "at any ZeRO stage (ZeRO-1/2/3 states go through a DeepSpeed universal checkpoint, made once under "
         "checkpoints/universal/)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
@@ -401,7 +401,7 @@ def collective_failure(err: BaseException) -> bool:
 
 def plan_resume(cfg: RunConfig, ds_config: dict[str, Any], spec: str, world: int) -> tuple[str, bool] | None:
     """``(tag, universal)`` for ``--resume spec`` (None: ``auto`` with no checkpoint), checked before any process
-    group. A different world size at ZeRO 1/2 loads through a universal checkpoint (ZeRO-0 states are not
+    group. A different world size at ZeRO 1-3 loads through a universal checkpoint (ZeRO-0 states are not
     partitioned: they load as they are)."""
     ckpt_dir = Path(cfg["train"]["output_dir"]).expanduser() / "checkpoints"
     if spec == "auto":
@@ -419,11 +419,6 @@ def plan_resume(cfg: RunConfig, ds_config: dict[str, Any], spec: str, world: int
             f"--resume {spec}: {tag} was saved at ZeRO stage {meta['zero_stage']}, this run uses stage {stage}"
         )
     universal = meta["world_size"] != world and stage > 0
-    if universal and stage == 3:
-        raise ConfigError(
-            f"--resume {spec}: {tag} was saved on {meta['world_size']} rank(s) at ZeRO-3; resuming ZeRO-3 on a "
-            f"different number of ranks ({world}) is not supported"
-        )
     if meta["world_size"] != world and cfg["data"]["split"] == "rank" and int(os.environ["RANK"]) == 0:
         print(f"warning: data.split=rank: {meta['world_size']} -> {world} ranks changes the data order", flush=True)
     return tag, universal
@@ -468,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if resume and resume[1]:
             checkpoint.to_universal(run_dir / "checkpoints", resume[0])
+            if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:  # DeepSpeed's own ZeRO-3 loader
+                ds_config.setdefault("checkpoint", {})["load_universal"] = True
         trainer = Trainer(cfg, ds_config, run_dir, rank, world)
         if resume:
             trainer.resume(resume[0], universal=resume[1])

@@ -7,6 +7,7 @@ the child process and then runs ``fastclip_ds.train.main``: the production code 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import shutil
@@ -129,22 +130,29 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert (x - y).norm() <= 1e-4 * x.norm() + 1e-12, name
 
 
+def ds(name: str) -> list[str]:
+    return ["--deepspeed_config", f"ds_configs/{name}.json"]
+
+
 @pytest.fixture(scope="module")
-def reference(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Uninterrupted 2-rank fastclip_v3 run of 6 steps keeping the checkpoints at steps 2, 4 and 6."""
+def reference(request: pytest.FixtureRequest, digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Uninterrupted 2-rank fastclip_v3 run of 6 steps keeping the checkpoints at steps 2, 4 and 6, with the
+    DeepSpeed config named by the indirect parameter."""
     tmp = tmp_path_factory.mktemp("reference")
     out = tmp / "run"
     args = small_run(
-        digits_root, out, *FASTCLIP, "--set", "train.save_every_steps=2", "--set", "train.keep_checkpoints=0"
-    )
+        digits_root, out, *FASTCLIP, *ds(request.param), "--set", "train.save_every_steps=2", "--set",
+        "train.keep_checkpoints=0",
+    )  # fmt: skip
     assert launch(tmp, 2, args).returncode == 0
     return out
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("reference", ["cpu_zero2_fp32"], indirect=True)
 def test_sigkill_then_sigterm_then_resume_is_bit_identical(reference: Path, digits_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = small_run(digits_root, out, *FASTCLIP, "--set", "train.save_every_steps=2")
+    args = small_run(digits_root, out, *FASTCLIP, *ds("cpu_zero2_fp32"), "--set", "train.save_every_steps=2")
     killed = launch(tmp_path, 2, args, "kill_after_save:2")
     assert killed.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
 
@@ -163,11 +171,13 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(reference: Path, digi
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("reference", ["cpu_zero2_fp32", "cpu_zero3_fp32"], indirect=True)
 def test_elastic_two_to_one_to_two_ranks(reference: Path, digits_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(reference / "checkpoints" / "step00000002", out / "checkpoints" / "step00000002")
-    args = small_run(digits_root, out, *FASTCLIP, "--set", "train.keep_checkpoints=0")
+    stage = json.loads((reference / "ds_config.json").read_text())["zero_optimization"]["stage"]
+    args = small_run(digits_root, out, *FASTCLIP, *ds(f"cpu_zero{stage}_fp32"), "--set", "train.keep_checkpoints=0")
 
     one = launch(tmp_path, 1, [*args, "--resume", "step00000002"], "sigterm:4")  # 2 -> 1 rank, stop after step 4
     assert one.returncode == 0, one.stderr[-2000:]
