@@ -50,9 +50,13 @@ def open_clip_train_args(cfg: Any, world: int, rank: int, clip: float) -> argpar
 
 def open_clip_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
     """AdamW grouped as open_clip_train's ``main`` does (its rule, restated: it is not importable)."""
+
+    def excluded(n: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
     named = list(model.named_parameters())
-    exclude = [p for n, p in named if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
-    rest = [p for n, p in named if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)]
+    exclude = [p for n, p in named if excluded(n, p)]
+    rest = [p for n, p in named if not excluded(n, p)]
     return torch.optim.AdamW(
         [{"params": exclude, "weight_decay": 0.0}, {"params": rest, "weight_decay": args.wd}],
         lr=args.lr,
