@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.append and previous.is_file():
         rows = [r for r in json.loads(previous.read_text())["rows"] if r["seed"] not in seeds]
     for seed in seeds:
-        ours_dir = runs / f"ours_s{seed}"
+        ours_dir, oc_logs, name = runs / f"ours_s{seed}", runs / f"open_clip_train_s{seed}", "run"
+        for old in (ours_dir, oc_logs):  # a rerun of a seed replaces its runs (open_clip_train refuses an old one)
+            shutil.rmtree(old, ignore_errors=True)
         sets = {
             "loss.name": "openclip", "model.config": args.model, "data.train": args.train,
             "data.num_samples": args.num_samples, "data.split": args.data_split, "train.global_batch_size":
@@ -217,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "fastclip_ds.export", str(ours_dir), "--out", str(ours_dir / "model.pt")],
                        check=True, timeout=600, capture_output=True)  # fmt: skip
 
-        oc_logs, name = runs / f"open_clip_train_s{seed}", "run"
         oc_args = [
             "--train-data", args.train, "--train-num-samples", str(args.num_samples), "--dataset-type", "webdataset",
             *(["--dataset-resampled"] if args.oc_resampled else []),

@@ -132,3 +132,24 @@ def test_head_to_head_summary_and_table():
     assert head_to_head.summarize(rows[:1]) == {"seeds": 1, "ours_top1": 0.7, "open_clip_top1": 0.6,
                                                  "diff_top1": pytest.approx(0.1), "speed_ratio": 0.9,
                                                  "speed_ratio_min": 0.9}  # fmt: skip
+
+
+@pytest.mark.slow  # about 60 s: our trainer and open_clip_train, one short run each, then both scored
+def test_head_to_head_end_to_end(tmp_path, digits_root, monkeypatch):
+    from fastclip_ds import digits
+
+    out = tmp_path / "h2h"
+    argv = ["--out", str(out), "--train", digits.train_pattern(digits_root), "--eval-data",
+            str(digits.eval_root(digits_root)), "--model", "fastclip-micro", "--epochs", "8", "--warmup", "20",
+            "--lr", "2e-3", "--seeds", "0", "--timeout", "300"]  # fmt: skip
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert head_to_head.main(argv) == 0
+    report = json.loads((out / "head_to_head.json").read_text())
+    (row,) = report["rows"]
+    assert row["ours_samples_per_s"] > 0 and row["open_clip_samples_per_s"] > 0
+    for side in ("ours", "open_clip"):
+        assert 0.2 < row[side]["top1"] <= 1 and row[side]["n"] == 397  # both learn in 344 steps (chance: 0.1)
+    args = (out / "runs" / "open_clip_train_s0" / "args.txt").read_text().split()
+    assert args[args.index("--grad-clip-norm") + 1] == "1.0"  # from ds_configs/cpu_zero0_fp32.json
+    assert "| 0 |" in (out / "head_to_head.md").read_text()
