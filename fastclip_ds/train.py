@@ -6,7 +6,7 @@ default: a tiny CLIP on the scikit-learn digits shards (written on first use), e
 
 Faults: SIGTERM or SIGUSR1 (e.g. slurm preemption) on any rank finishes the current step on every rank, saves
 a checkpoint and exits 0; ``--resume auto`` then continues exactly (bit-identical weights and loss state to an
-uninterrupted run), or on a different number of ranks (ZeRO 0-2, equal up to float rounding). A non-finite loss
+uninterrupted run), or on a different number of ranks (any ZeRO stage, equal up to float rounding). A non-finite loss
 or gradient skips the step (``train.max_nonfinite_steps`` in a row abort); bad samples are skipped and counted
 (``data.max_bad_fraction`` stops the run); a lost rank ends the others within ``train.collective_timeout_s``.
 """

@@ -237,7 +237,7 @@ def test_nan_steps_are_skipped_then_abort_keeps_the_last_checkpoint(digits_root:
 def test_nan_gradient_skips_the_optimizer_step(digits_root: Path, tmp_path: Path, ds_config: str) -> None:
     """ZeRO-0: our gradient check skips the step; ZeRO-2: DeepSpeed's overflow check does."""
     out = tmp_path / "run"
-    args = small_run(digits_root, out, *FASTCLIP, "--deepspeed_config", f"ds_configs/{ds_config}.json")
+    args = small_run(digits_root, out, *FASTCLIP, *ds(ds_config))
     proc = launch(tmp_path, 1, [*args, "--set", "train.max_steps=3"], "nangrad:2")
     assert proc.returncode == 0
     train = metrics(out, "train")
