@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib
 import math
 import platform
 import statistics
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import clip_loss, fastclip_surrogate, triton_module
+from . import clip_loss, fastclip_surrogate, openclip_import, triton_module
 
 IMPLS = ("chunked", "dense", "triton", "openclip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -38,7 +37,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # which does 6 (two logit matrices, four backward products): its rate is in useful work.
 GEMM_EQUIVALENTS = 4
 CSV_COLUMNS = ["impl", "B", "d", "device", "ms", "tflops", "peak_mem_bytes"]
-_TORCHVISION_SCHEMAS: torch.library.Library | None = None  # kept alive: the declarations die with it
 EXTRA_COLUMNS = [
     "dtype",
     "loss",
@@ -96,26 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def import_open_clip():
-    """open_clip, or None if it is not installed.
-
-    If the import fails on torchvision's ``nms``/``qnms`` fake-kernel registrations (its CUDA-only
-    0.28 build beside a CPU torch), declares those two schemas and imports again.
-    """
-    for attempt in range(2):
-        try:
-            return importlib.import_module("open_clip")
-        except ModuleNotFoundError:
-            return None
-        except RuntimeError as err:
-            if attempt or "torchvision::nms does not exist" not in str(err):
-                raise
-        for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "open_clip")]:
-            del sys.modules[name]
-        global _TORCHVISION_SCHEMAS
-        _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            _TORCHVISION_SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    return None
+    """open_clip through the torchvision shim (``openclip_import``), or None if it is not installed."""
+    try:
+        return openclip_import.import_open_clip()
+    except ModuleNotFoundError:
+        return None
 
 
 def _sync(device: str) -> None:
