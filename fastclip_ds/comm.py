@@ -1,12 +1,18 @@
-"""The communication layer: every collective the losses issue, on ``deepspeed.comm``.
+"""The communication layer: every collective of this package, on ``deepspeed.comm``.
 
 Going through ``deepspeed.comm`` (not ``torch.distributed``) lets DeepSpeed's comms logger see the traffic;
 each call passes its op name as ``log_name``. Without an initialised process group every function is the
-single-process identity (world size 1, rank 0).
+single-process identity (world size 1, rank 0). ``tests/test_comm.py`` fails if a collective is called
+anywhere else in ``fastclip_ds/``, ``kernels/`` or ``launchers/``.
 
-Byte counter: :func:`bytes_by_op` returns, per op name, the bytes *this rank sent* since the last
-:func:`reset_bytes`, under the ring model used by DeepSpeed's comms logger and nccl-tests
-(``K`` ranks, ``S`` the size of the full result):
+Per training step, beyond DeepSpeed's own gradient reduction: the loss's collectives (FastCLIP: the packed
+feature gather, the state all-reduce and the ``g`` gather; OpenCLIP: the feature gather and its gradient
+reduce-scatter), the trainer's stop/skip agreement (one all-reduce of three int64 flags), and under ZeRO 1-3
+with LAMB one all-reduce of per-tensor squared norms per parameter group (sub-group at ZeRO-3).
+
+Byte counter: :func:`bytes_by_op` returns, per op name, the bytes *this rank sent* in every collective above
+since the last :func:`reset_bytes` (barriers, outside the step, carry no payload and are not counted), under
+the ring model used by DeepSpeed's comms logger and nccl-tests (``K`` ranks, ``S`` the size of the full result):
 
     all_gather      (K-1)/K * S   = (K-1) * local bytes
     reduce_scatter  (K-1)/K * S   (S = the full input)
@@ -20,20 +26,25 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import deepspeed.comm as dist
 import torch
 from torch import Tensor
 
+from . import ds_compat
+
 _BYTES: defaultdict[str, int] = defaultdict(int)
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def world_size(group: Any = None) -> int:
+    """Ranks in ``group`` (default: all)."""
+    return dist.get_world_size(group=group) if dist.is_initialized() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def rank(group: Any = None) -> int:
+    """This rank's index in ``group`` (default: all)."""
+    return dist.get_rank(group=group) if dist.is_initialized() else 0
 
 
 def bytes_by_op() -> dict[str, int]:
@@ -42,7 +53,9 @@ def bytes_by_op() -> dict[str, int]:
 
 
 def reset_bytes() -> None:
+    """Restart both counters: :func:`bytes_by_op` and DeepSpeed's comms log (:func:`deepspeed_bytes_by_op`)."""
     _BYTES.clear()
+    ds_compat.comms_log().clear()
 
 
 def _ring_factors(k: int) -> dict[str, float]:
@@ -65,11 +78,9 @@ def deepspeed_bytes_by_op() -> dict[str, int]:
     Needs the logger on (DeepSpeed config ``"comms_logger": {"enabled": true, "prof_all": true}``); the ops of
     this module carry their own names and are left out (they are in :func:`bytes_by_op`).
     """
-    from deepspeed.comm.comm import comms_logger
-
     factors = _ring_factors(world_size())
     out: dict[str, int] = {}
-    for name, by_size in comms_logger.comms_dict.items():
+    for name, by_size in ds_compat.comms_log().items():
         if name in factors:
             out[name] = round(factors[name] * sum(size * record[0] for size, record in by_size.items()))
     return out
@@ -108,13 +119,28 @@ def all_gather_rows(tensors: Sequence[Tensor], op: str) -> list[Tensor]:
     return result
 
 
-def all_reduce_sum_(t: Tensor, op: str) -> Tensor:
-    """In-place sum over ranks (no autograd); returns ``t``."""
-    k = world_size()
+def _all_reduce_(t: Tensor, op: str, reduce_op: Any, group: Any) -> Tensor:
+    k = world_size(group)
     if k > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, log_name=op)
+        dist.all_reduce(t, op=reduce_op, group=group, log_name=op)
         _count(op, 2 * (k - 1) / k * _nbytes(t))
     return t
+
+
+def all_reduce_sum_(t: Tensor, op: str, group: Any = None) -> Tensor:
+    """In-place sum over the ranks of ``group`` (default: all; no autograd); returns ``t``."""
+    return _all_reduce_(t, op, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max_(t: Tensor, op: str) -> Tensor:
+    """In-place element-wise max over all ranks (no autograd); returns ``t``."""
+    return _all_reduce_(t, op, dist.ReduceOp.MAX, None)
+
+
+def barrier(op: str) -> None:
+    """Wait until every rank gets here (no payload, not counted)."""
+    if world_size() > 1:
+        dist.barrier(log_name=op)
 
 
 class _GatherWithGrad(torch.autograd.Function):

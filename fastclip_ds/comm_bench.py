@@ -6,86 +6,23 @@ of the given per-rank batch and width, and prints what :mod:`fastclip_ds.comm` c
 rank, ring model). "feature" bytes are the collectives that carry features or feature gradients
 (openclip: the gather and its gradient reduce-scatter; fastclip: the one packed gather of features and
 keys); "loss total" adds fastclip's state all-reduce and u all-gather. DeepSpeed's parameter-gradient
-reduction is the same for every loss and not part of this benchmark.
-
-:func:`spawn` (K local gloo ranks with ``deepspeed.comm`` initialised, a timeout, results returned) is also
-what the distributed tests use.
+reduction is the same for every loss and not part of this benchmark. The ranks are started by
+:func:`fastclip_ds.multiproc.spawn`, as in the distributed tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
-import socket
-import tempfile
-import time
-import traceback
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+
+from .multiproc import spawn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FEATURE_OPS = ("openclip_features", "openclip_features_grad", "fastclip_features")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    try:
-        import deepspeed
-
-        from .compat import patch_deepspeed
-
-        patch_deepspeed()
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        result = {"ok": fn(rank, world, *args)}
-        deepspeed.comm.barrier()
-        deepspeed.comm.destroy_process_group()
-    except Exception:
-        result = {"error": traceback.format_exc()}
-    torch.save(result, Path(out_dir) / f"{rank}.pt")
-
-
-def spawn(world: int, fn: Callable[..., Any], args: tuple = (), timeout: float = 300.0) -> list[Any]:
-    """``[fn(rank, world, *args) for each rank]``, run on ``world`` fresh gloo processes; ``fn`` must be importable."""
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
-        procs = [ctx.Process(target=_rank_main, args=(r, world, port, out_dir, fn, args)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        if any(p.is_alive() for p in procs):
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-            raise TimeoutError(f"spawn({world} ranks, {fn.__name__}): not finished after {timeout:.0f} s")
-        results = []
-        for rank, p in enumerate(procs):
-            path = Path(out_dir) / f"{rank}.pt"
-            if not path.exists():
-                raise RuntimeError(f"spawn: rank {rank} exited with code {p.exitcode} and no result")
-            result = torch.load(path, weights_only=False)
-            if "error" in result:
-                raise RuntimeError(f"spawn: rank {rank} failed:\n{result['error']}")
-            results.append(result["ok"])
-        return results
 
 
 def _bench_rank(rank: int, world: int, batch: int, dim: int, dtype: str, losses: list[str]) -> dict[str, dict]:
@@ -100,7 +37,7 @@ def _bench_rank(rank: int, world: int, batch: int, dim: int, dtype: str, losses:
     for name in losses:
         loss = build_loss({"name": name, "lr_tau": 1e-3}, dataset_size=world * batch, steps_per_epoch=1)
         xi, ti = x.clone().requires_grad_(), t.clone().requires_grad_()
-        logit_scale = torch.zeros(1, requires_grad=True)
+        logit_scale = torch.ones(1, requires_grad=True)  # the multiplier 1/τ
         comm.reset_bytes()
         loss(xi, ti, logit_scale, keys)["loss"].backward()
         counts[name] = comm.bytes_by_op()

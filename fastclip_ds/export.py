@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fastclip_ds import checkpoint
 from fastclip_ds.model import open_clip_with_configs, resolve_model_config, to_open_clip_state_dict
 
 LOAD_HELP = (
@@ -32,20 +33,12 @@ LOAD_HELP = (
 )
 
 
-def _read_tag(ckpt_dir: Path, tag: str | None) -> str:
-    if tag is not None:
-        return tag
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"no checkpoint tag given and no 'latest' file in {ckpt_dir}")
-    return latest.read_text().strip()
-
-
-def consolidate(ckpt_dir: Path, tag: str | None = None) -> tuple[dict, dict]:
-    """fp32 state dict and DeepSpeed model-state metadata (client state included) of ``ckpt_dir/<tag>``."""
+def consolidate(ckpt_dir: Path, tag: str = checkpoint.LATEST) -> tuple[dict, dict]:
+    """fp32 state dict and DeepSpeed model-state metadata (client state included) of the complete checkpoint
+    ``tag`` (or the newest, ``latest``) in ``ckpt_dir``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = _read_tag(ckpt_dir, tag)
+    tag = checkpoint.resolve(ckpt_dir, tag, option="--tag")
     tag_dir = ckpt_dir / tag
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     if not model_files:
@@ -61,7 +54,7 @@ def consolidate(ckpt_dir: Path, tag: str | None = None) -> tuple[dict, dict]:
     return sd, meta
 
 
-def export_checkpoint(run_dir: Path, out: Path, tag: str | None = None) -> Path:
+def export_checkpoint(run_dir: Path, out: Path, tag: str = checkpoint.LATEST) -> Path:
     """Write ``out`` (open_clip checkpoint) and ``out.with_suffix('.json')`` (model config); returns ``out``."""
     run_dir, out = Path(run_dir), Path(out)
     if out.suffix == ".json":
@@ -105,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", type=Path, help="run directory (holds config.json and checkpoints/)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint, e.g. model.pt")
-    parser.add_argument("--tag", help="checkpoint tag under RUN_DIR/checkpoints (default: the 'latest' file)")
+    parser.add_argument(
+        "--tag",
+        default=checkpoint.LATEST,
+        help="checkpoint tag under RUN_DIR/checkpoints, e.g. step00000100 (default: latest, the newest complete one)",
+    )
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.run_dir, args.out, args.tag)

@@ -8,6 +8,8 @@ from types import FrameType
 
 import torch
 
+from . import comm
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -27,10 +29,6 @@ class StopRequest:
 
 
 def agree(flags: list[int], device: torch.device) -> list[int]:
-    """Element-wise max of small integer flags over all ranks (one tiny all-reduce), so every rank takes the
-    same decision at the same step."""
-    import torch.distributed as dist
-
-    t = torch.tensor(flags, dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    """Element-wise max of small integer flags over all ranks (one tiny all-reduce, counted as ``train_agreement``),
+    so every rank takes the same decision at the same step."""
+    return comm.all_reduce_max_(torch.tensor(flags, dtype=torch.int64, device=device), op="train_agreement").tolist()

@@ -35,7 +35,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from experiments import free_port  # launchers/ is on sys.path when this file runs as a script
+from fastclip_ds.multiproc import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -3,16 +3,21 @@
 import json
 import multiprocessing as mp
 import os
-import socket
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from fastclip_ds.checkpoint import COMPLETE, save, tag_for
 from fastclip_ds.export import export_checkpoint, main
+from fastclip_ds.losses.base import ContrastiveLoss
 from fastclip_ds.model import create_model, open_clip_with_configs
+from fastclip_ds.multiproc import free_port
 
 RUNS = [(0, "fp32"), (0, "bf16"), (2, "fp32"), (2, "bf16"), (3, "bf16")]
 MODEL = "fastclip-micro"
+TAG = tag_for(1)
 
 
 def _probe_inputs(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,11 +26,11 @@ def _probe_inputs(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train_and_save(root: str, port: int) -> None:
-    """Child process: one optimizer step per (stage, dtype), save, record the engine's features."""
+    """Child process: one optimizer step per (stage, dtype), save as training does, record the engine's features."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
-    from fastclip_ds.compat import patch_deepspeed
+    from fastclip_ds.ds_compat import patch_deepspeed
 
     patch_deepspeed()
     open_clip = open_clip_with_configs()
@@ -45,7 +50,8 @@ def _train_and_save(root: str, port: int) -> None:
         engine.backward(loss)
         engine.step()
         run_dir = f"{root}/run-{stage}-{dtype}"
-        engine.save_checkpoint(f"{run_dir}/checkpoints", tag="step1", client_state={"position": {"epoch": 2}})
+        ckpt_dir = Path(run_dir) / "checkpoints"
+        save(engine, ContrastiveLoss(), ckpt_dir, 1, {"position": {"epoch": 2}}, keep=0)
         engine.eval()
         with torch.no_grad():
             out = engine(images, tokens)
@@ -59,11 +65,8 @@ def _train_and_save(root: str, port: int) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ds-runs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    child = mp.get_context("spawn").Process(target=_train_and_save, args=(str(root), port))
+    child = mp.get_context("spawn").Process(target=_train_and_save, args=(str(root), free_port()))
     child.start()
     child.join(timeout=240)
     if child.is_alive():
@@ -108,13 +111,15 @@ def test_export_loads_in_open_clip_and_matches_engine(runs, tmp_path, stage, dty
 
 def test_cli_and_errors(runs, tmp_path, capsys):
     out = tmp_path / "cli" / "digits-micro.pt"
-    assert main([f"{runs}/run-2-fp32", "--out", str(out), "--tag", "step1"]) == 0
+    assert main([f"{runs}/run-2-fp32", "--out", str(out), "--tag", TAG]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["embed_dim"] == 16
     assert "add_model_config" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main([f"{runs}/run-2-fp32", "--out", str(tmp_path / "x.pt"), "--tag", "nope"])
     assert exit_info.value.code == 2
-    assert "no DeepSpeed model states" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"fastclip-ds export: error: --tag nope: {runs}/run-2-fp32/checkpoints/nope does not exist\n"
+    )
     with pytest.raises(ValueError, match=r"must not end in \.json"):
         export_checkpoint(f"{runs}/run-2-fp32", tmp_path / "x.json")
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
@@ -127,4 +132,38 @@ def test_mismatched_model_is_rejected(runs, tmp_path):
     (run_dir / "checkpoints").symlink_to(f"{runs}/run-0-fp32/checkpoints")
     (run_dir / "config.json").write_text(json.dumps({"model": {"config": "fastclip-tiny"}}))
     with pytest.raises(ValueError, match="does not match open_clip model 'fastclip-tiny'"):
+        export_checkpoint(run_dir, tmp_path / "x.pt")
+
+
+def _copy_run(runs: str, dst: Path, drop: str) -> Path:
+    """A copy of the ZeRO-2 run whose checkpoint lacks the files matching ``drop``."""
+    shutil.copytree(f"{runs}/run-2-fp32", dst, ignore=shutil.ignore_patterns("engine.pt"))
+    for path in (dst / "checkpoints" / TAG).glob(drop):
+        path.unlink()
+    return dst
+
+
+def test_incomplete_tag_is_a_one_line_error(runs, tmp_path, capsys):
+    """A save cut off before complete.json (DeepSpeed's files all written) must not be exported, asked for by
+    --tag or reached through latest: the old --tag path skipped the check and exported it."""
+    run_dir = _copy_run(runs, tmp_path / "cut", COMPLETE)
+    ckpt_dir = run_dir / "checkpoints"
+    for argv in (["--tag", TAG], []):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(run_dir), "--out", str(tmp_path / "x.pt"), *argv])
+        assert exit_info.value.code == 2
+        spec = argv[-1] if argv else "latest"
+        assert capsys.readouterr().err == (
+            f"fastclip-ds export: error: --tag {spec}: {ckpt_dir / TAG} is incomplete "
+            f"(no {COMPLETE}: a save was cut off)\n"
+        )
+    (ckpt_dir / "latest").unlink()
+    with pytest.raises(FileNotFoundError, match=r"^--tag latest: no checkpoint in .* \(no 'latest' file\)$"):
+        export_checkpoint(run_dir, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_complete_tag_without_model_states_is_rejected(runs, tmp_path):
+    run_dir = _copy_run(runs, tmp_path / "no-model", "*model_states.pt")
+    with pytest.raises(FileNotFoundError, match=r"no DeepSpeed model states \(\*model_states\.pt\) in "):
         export_checkpoint(run_dir, tmp_path / "x.pt")

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from fastclip_ds import digits
+from fastclip_ds.multiproc import free_port
 
-from .test_train import REPO, free_port, run
+from .test_train import REPO, run
 
 sys.path.insert(0, str(REPO / "launchers"))
 import update_parity

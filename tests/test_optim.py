@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from fastclip_ds.compat import import_open_clip
+from fastclip_ds.multiproc import free_port
 from fastclip_ds.optim import (
     DEFAULTS,
     FlatLayout,
@@ -391,7 +391,7 @@ def ds_worker(stages: list[int], names: list[str], ckpt_dir: str) -> None:
     """
     import deepspeed
 
-    from fastclip_ds.compat import patch_deepspeed
+    from fastclip_ds.ds_compat import patch_deepspeed
 
     patch_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -445,12 +445,6 @@ def ds_worker(stages: list[int], names: list[str], ckpt_dir: str) -> None:
                 groups = [g.get("name") for g in engine.optimizer.param_groups]
                 row = {"stage": stage, "name": name, "losses": losses, "lrs": lrs, "groups": groups}
                 print(json.dumps({**row, "resumed_losses": resumed_losses, "resumed_lrs": resumed_lrs}), flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ds(stages: list[int], names: list[str], ranks: int, ckpt_dir: Path) -> dict[tuple[int, str], dict]:

@@ -21,8 +21,9 @@ import torch
 
 from fastclip_ds.export import export_checkpoint
 from fastclip_ds.losses import build_loss, resolve_config
+from fastclip_ds.multiproc import free_port
 
-from .test_train import REPO, TIMEOUT, free_port, metrics, run, small_run
+from .test_train import REPO, TIMEOUT, metrics, run, small_run
 
 DRIVER = '''
 """Run fastclip_ds.train with the fault named by $FAULT (kind:step) injected into this process."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fastclip_ds import digits
+from fastclip_ds.multiproc import free_port
 
 REPO = Path(__file__).parents[1]
 TIMEOUT = 300
@@ -48,12 +48,6 @@ def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     if proc.returncode != 0:
         print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess[str]:
