@@ -23,6 +23,7 @@ NULLABLE: dict[str, type | tuple[type, ...]] = {
     "train.max_steps": int,
     "eval.data": str,
     "loss.lr_tau": (int, float),
+    "loss.multiply_tau": bool,
 }
 
 
@@ -250,24 +251,14 @@ def _validate_optimizer(cfg: RunConfig) -> None:
 
 
 def _resolve_loss(cfg: RunConfig) -> None:
-    """Fill the loss section's ``auto`` values (the saved config shows what ran) and check its ranges."""
+    """Fill the loss section's ``auto`` values (the saved config shows what ran); ``losses.settings`` checks it."""
     from .losses import resolve_config
 
-    loss = cfg["loss"]
     try:
-        cfg.values["loss"] = resolve_config(loss)
+        cfg.values["loss"] = resolve_config(cfg["loss"])
     except ValueError as err:
         key, _, message = str(err).partition(": ")
         raise cfg.error(key, message) from None
-    if loss["lr_tau"] is not None and loss["lr_tau"] <= 0:
-        raise cfg.error("loss.lr_tau", f"must be positive or null, got {loss['lr_tau']!r}")
-    for key in ("temperature", "eps", "tau_min"):
-        if loss[key] <= 0:
-            raise cfg.error(f"loss.{key}", f"must be positive, got {loss[key]!r}")
-    if not 0 < loss["gamma"] <= 1:
-        raise cfg.error("loss.gamma", f"must be in (0, 1], got {loss['gamma']!r}")
-    if not loss["tau_min"] <= loss["temperature"] <= 1:
-        raise cfg.error("loss.temperature", f"{loss['temperature']!r} is outside [loss.tau_min, 1]")
 
 
 def check_environment(cfg: RunConfig) -> Path:
@@ -332,7 +323,11 @@ KEY_HELP: dict[str, str] = {
     "loss.gamma_decay_epochs": "epochs over which the cosine γ schedule decays to γ_min",
     "loss.rho": "ρ of the robust losses (fastclip_v2, fastclip_v3, isogclr)",
     "loss.eps": "ε inside log(ε + g)",
-    "loss.multiply_tau": "features' gradient of global-τ losses from τ·GCL (public --multiply_tau) instead of GCL",
+    "loss.tau_grad": "fastclip_code (the published code's update: paper ρ/γ/ε mean the paper's) | exact",
+    "loss.multiply_tau": "features' gradient of global-τ losses from τ·GCL (public --multiply_tau), not GCL; "
+    "null = on for fastclip_v3 under tau_grad=fastclip_code",
+    "loss.gamma_epoch0": "auto | one (γ=1 all of epoch 0, public code) | schedule; auto = one under fastclip_code",
+    "loss.u_reset": "auto | tiny (u<1e-35/inf/NaN -> g when γ<1, public code) | unseen; auto: tiny if fastclip_code",
     "loss.lr_tau": "learning rate of τ; null = train.lr",
     "loss.tau_scheduler": "τ learning-rate schedule: auto | step_thresh (÷3 once τ ≤ 0.03) | const | cosine",
     "loss.tau_min": "lower clamp of τ (the upper clamp is 1)",

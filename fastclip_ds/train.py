@@ -227,8 +227,7 @@ class Trainer:
 
         images = images.to(self.device, self.dtype, non_blocking=True)
         out = self.engine(image=images, text=tokens.to(self.device))
-        logit_scale = out["logit_scale"].float().log().reshape(1)
-        result = self.loss_fn(out["image_features"], out["text_features"], logit_scale, keys.to(self.device))
+        result = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], keys.to(self.device))
         finite = bool(torch.isfinite(result["loss"].detach()).all() and torch.isfinite(result["objective"]).all())
         nonfinite, stop, bad = agree([int(not finite), self.stop.received, int(too_bad)], self.device)
         applied = False

@@ -1,5 +1,6 @@
 """Distributed (gloo, 2 and 4 spawned ranks): every loss gives the single-process gradient of the same global
-batch, the same updated per-sample state, and state saved at 2 ranks loads at 1; openclip equals ClipLoss."""
+batch, the same updated per-sample state, and state saved at 2 ranks loads at 1; openclip equals ClipLoss.
+The FastCLIP losses run with the default ``tau_grad = fastclip_code``; ``fastclip_v3_exact`` with ``exact``."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 from torch.nn.functional import normalize
 
 from fastclip_ds import comm
-from fastclip_ds.comm_bench import spawn
 from fastclip_ds.losses import build_loss
+from fastclip_ds.multiproc import spawn
 
 NAMES = ["openclip", "sogclr", "isogclr", "fastclip_v0", "fastclip_v1", "fastclip_v2", "fastclip_v3"]
+CASES = {name: {"name": name} for name in NAMES} | {"fastclip_v3_exact": {"name": "fastclip_v3", "tau_grad": "exact"}}
 DTYPES = {"float64": (torch.float64, 1e-10), "float32": (torch.float32, 1e-5)}
 N, D_IN, D, DATASET = 8, 6, 5, 16
 # step 1: first visit; step 2 (epoch 1): old and new keys, key 9 twice on different ranks for K = 2 and 4
@@ -29,13 +31,14 @@ def global_inputs(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_case(name: str, dtype: str, rank: int, world: int, save_dir: Path | None) -> dict:
-    """Two steps of a linear two-tower encoder; parameter gradients averaged over ranks as DeepSpeed does."""
+    """Two steps of a linear two-tower encoder (``logit_scale`` = λ, the loss gets exp(λ) as from the model);
+    parameter gradients averaged over ranks as DeepSpeed does."""
     dt = DTYPES[dtype][0]
     g = torch.Generator().manual_seed(7)
     w_img = torch.randn(D_IN, D, generator=g, dtype=torch.float64).to(dt).requires_grad_()
     w_txt = torch.randn(D_IN, D, generator=g, dtype=torch.float64).to(dt).requires_grad_()
     logit_scale = torch.tensor([math.log(1 / 0.1)], dtype=dt, requires_grad=True)
-    cfg = {"name": name, "lr_tau": 0.01, "rho": 0.5, "gamma": 0.6, "gamma_decay_epochs": 2}
+    cfg = CASES[name] | {"lr_tau": 0.01, "rho": 0.5, "gamma": 0.6, "gamma_decay_epochs": 2}
     loss = build_loss(cfg, dataset_size=DATASET, steps_per_epoch=1, state_dtype=dt)
     b = N // world
     rows = slice(rank * b, (rank + 1) * b)
@@ -45,7 +48,7 @@ def run_case(name: str, dtype: str, rank: int, world: int, save_dir: Path | None
         a, c = global_inputs(step)
         x = normalize(a[rows].to(dt) @ w_img, dim=1)
         t = normalize(c[rows].to(dt) @ w_txt, dim=1)
-        out = loss(x, t, logit_scale, keys[rows])
+        out = loss(x, t, logit_scale.exp(), keys[rows])
         out["loss"].backward()
         grads = []
         for p in (w_img, w_txt, logit_scale):
@@ -72,7 +75,8 @@ def clip_loss_check(rank: int, world: int) -> list[float]:
     for use_ours in (True, False):
         x, t, lam = x0.clone().requires_grad_(), t0.clone().requires_grad_(), lam0.clone().requires_grad_()
         if use_ours:
-            value = build_loss({"name": "openclip"}, dataset_size=1, steps_per_epoch=1)(x, t, lam, None)["loss"]
+            ours = build_loss({"name": "openclip"}, dataset_size=1, steps_per_epoch=1)
+            value = ours(x, t, lam.exp(), None)["loss"]
         else:
             ref = open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
             value = ref(x, t, lam.exp())
@@ -84,7 +88,7 @@ def clip_loss_check(rank: int, world: int) -> list[float]:
 def worker(rank: int, world: int, save_root: str) -> dict:
     cases = {
         (name, dtype): run_case(name, dtype, rank, world, Path(save_root) / f"{name}-{dtype}")
-        for name in NAMES
+        for name in CASES
         for dtype in DTYPES
     }
     return {"cases": cases, "clip": clip_loss_check(rank, world)}
@@ -92,7 +96,7 @@ def worker(rank: int, world: int, save_root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def single() -> dict:
-    return {(name, dtype): run_case(name, dtype, 0, 1, None) for name in NAMES for dtype in DTYPES}
+    return {(name, dtype): run_case(name, dtype, 0, 1, None) for name in CASES for dtype in DTYPES}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,7 +132,7 @@ def test_distributed_equals_single_process(world: int, single: dict, tmp_path: P
             assert rel(full[:, col][seen[:, col]], ref["table"][:, col][seen[:, col]]) < tol, f"{name} {dtype} {col}"
         # saved at `world` ranks, loaded at 1
         reloaded = build_loss(
-            {"name": name, "lr_tau": 0.01}, dataset_size=DATASET, steps_per_epoch=1, state_dtype=DTYPES[dtype][0]
+            CASES[name] | {"lr_tau": 0.01}, dataset_size=DATASET, steps_per_epoch=1, state_dtype=DTYPES[dtype][0]
         )
         reloaded.load_state(tmp_path / f"{name}-{dtype}")
         assert torch.equal(reloaded.state.table, full)

@@ -57,14 +57,17 @@ def dense_objective(name, x, t, logit_scale, tau1, tau2, u1, u2, eps, rho):
 
 
 def make_loss(name, eps=1e-14, rho=0.5, temperature=0.07, n=64, **extra):
-    cfg = {"name": name, "eps": eps, "rho": rho, "temperature": temperature, "lr_tau": 0.01, **extra}
+    """The loss with the exact τ-gradient and our γ / u rules (``test_loss_fastclip_code.py`` tests the others)."""
+    cfg = {"name": name, "eps": eps, "rho": rho, "temperature": temperature, "lr_tau": 0.01, "tau_grad": "exact"}
+    cfg |= extra
     return build_loss(cfg, dataset_size=n, steps_per_epoch=4, state_dtype=torch.float64)
 
 
 def run_step(loss, x, t, logit_scale, keys):
+    """One forward/backward; ``logit_scale`` is the model's parameter λ, the loss gets the multiplier exp(λ)."""
     x, t = x.clone().requires_grad_(), t.clone().requires_grad_()
     lam = logit_scale.clone().requires_grad_()
-    out = loss(x, t, lam, keys)
+    out = loss(x, t, lam.exp(), keys)
     out["loss"].backward()
     return out, x.grad, t.grad, lam.grad
 

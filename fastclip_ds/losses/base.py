@@ -11,9 +11,10 @@ class ContrastiveLoss(torch.nn.Module):
     """``forward(image_features, text_features, logit_scale, keys) -> {"loss": ..., metrics...}``.
 
     Features are this rank's L2-normalised ``[B, d]`` rows (rank ``r`` holds rows ``[r*B, (r+1)*B)`` of the
-    global batch), ``logit_scale`` is the model's ``[1]`` parameter ``log(1/tau)``, ``keys`` the int64 global
-    sample ids. ``"loss"`` is what to backpropagate: its gradient, averaged over ranks (DeepSpeed's parameter
-    reduction), is the exact gradient of the global-batch objective. The other entries are detached scalars.
+    global batch), ``logit_scale`` is the multiplier ``1/tau`` the model returns (``exp`` of its parameter, as
+    open_clip's ``ClipLoss`` takes it; ``[1]`` or ``[]``), ``keys`` the int64 global sample ids.
+    ``"loss"`` is what to backpropagate: its gradient, averaged over ranks (DeepSpeed's parameter reduction), is
+    the exact gradient of the global-batch objective. The other entries are detached scalars.
     """
 
     trains_logit_scale: bool = True

@@ -1,9 +1,10 @@
 """OpenCLIP's contrastive loss with local rows and gathered features (``ClipLoss(local_loss=True,
 gather_with_grad=True)``), written on the block kernels.
 
-Rank ``r`` holds image rows ``x`` and text rows ``t`` (``[B, d]``, global rows ``r*B + i``). With ``θ = exp(λ)``
-(``λ = logit_scale``) and ``X, T`` the features gathered WITH autograd (one all-gather of ``[x | t]``; its
-backward reduce-scatters the gradient of ``[X | T]`` back to the owners):
+Rank ``r`` holds image rows ``x`` and text rows ``t`` (``[B, d]``, global rows ``r*B + i``). With ``θ`` the
+``logit_scale`` multiplier (what the model returns and ``ClipLoss`` takes) and ``X, T`` the features
+gathered WITH autograd (one all-gather of ``[x | t]``; its backward reduce-scatters the gradient of ``[X | T]``
+back to the owners):
 
     loss_r = ½ [ mean_i (lse_j θ x_i·T_j − θ x_i·t_i) + mean_i (lse_j θ t_i·X_j − θ x_i·t_i) ]
 
@@ -38,7 +39,7 @@ class OpenClipLoss(ContrastiveLoss):
         d = x.shape[1]
         both = comm.gather_with_grad(torch.cat([x, t], dim=1), op="openclip_features")
         xs, ts = both[:, :d], both[:, d:]
-        theta = logit_scale.float().exp() if x.dtype != torch.float64 else logit_scale.double().exp()
+        theta = logit_scale.reshape(1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         lse_img = block_lse(x, ts, theta, impl=self.impl)[0]
         lse_txt = block_lse(t, xs, theta, impl=self.impl)[0]
         pos = theta * (x.to(lse_img.dtype) * t.to(lse_img.dtype)).sum(1)
