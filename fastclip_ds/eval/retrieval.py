@@ -8,13 +8,21 @@ Dataset layout (CLIP_benchmark's ``wds/<name>`` retrieval sets, e.g. ``wds_flick
 Metrics follow CLIP_benchmark, for k in (1, 5, 10): ``i2t_r{k}`` (image→text, CLIP_benchmark's
 ``text_retrieval_recall@k``): the fraction of images with at least one of their own captions among the k
 highest-scoring captions; ``t2i_r{k}`` (text→image, ``image_retrieval_recall@k``): the fraction of captions whose
-image is among the k highest-scoring images. Scores are cosine similarities. Ties count in the query's favour:
-a positive at score s is within the top k when fewer than k candidates score strictly above s (CLIP_benchmark's
-``topk`` breaks ties arbitrarily; real captions and images do not tie). Also ``n_images``, ``n_texts``.
+image is among the k highest-scoring images. Scores are cosine similarities. Also ``n_images``, ``n_texts``.
+
+Identical inputs score identically (the rule that makes the numbers independent of the batch size and the CPU):
+each distinct caption (by its token ids) and each distinct image (by its preprocessed pixels) is encoded once per
+split, and every sample's scores are read from the distinct inputs' score matrix, so repeated captions or images
+tie bit for bit; a tie counts in the query's favour: a positive at score s is within the top k when fewer than k
+candidates score strictly above s (CLIP_benchmark's ``topk`` breaks ties arbitrarily, so repeated captions such
+as class templates would otherwise rank by float32 rounding noise, which differs between batch compositions and
+CPUs). Distinct inputs whose cosines differ by less than float32 rounding (about 1e-6) can still rank differently
+on another machine, as with any float metric.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -65,6 +73,12 @@ def _batches(shards: list[str], transform: Callable, batch_size: int) -> Iterabl
     )
 
 
+def _digest(image: torch.Tensor) -> bytes:
+    """Identity of a preprocessed image: its shape, dtype and pixel bytes."""
+    pixels = image.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(f"{tuple(image.shape)}{image.dtype}".encode() + pixels.tobytes(), digest_size=16).digest()
+
+
 def retrieval_eval(
     model: torch.nn.Module,
     tokenizer: Callable,
@@ -73,22 +87,33 @@ def retrieval_eval(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Image↔text R@1/5/10 of ``model`` on ``root``'s retrieval test split (model mode restored)."""
+    """Image↔text R@1/5/10 of ``model`` on ``root``'s retrieval test split (model mode restored); each distinct
+    image and caption is encoded once (see the module docstring)."""
     shards = read_retrieval_split(root)
-    image_features, text_features, text_to_image = [], [], []
+    image_ids: dict[bytes, int] = {}
+    image_features, image_of_sample, captions, text_to_image = [], [], [], []
     with inference(model):
-        for images, captions in _batches(shards, transform, batch_size):
-            start = sum(len(f) for f in image_features)
-            image_features.append(encode_images(model, images, device))
-            flat = [c for per_image in captions for c in per_image]
-            if len(flat) == 0:
-                continue
-            text_features.append(F.normalize(model.encode_text(tokenizer(flat).to(device)).float(), dim=-1))
-            text_to_image += [start + i for i, per_image in enumerate(captions) for _ in per_image]
-    if not image_features:
-        raise ValueError(f"retrieval data: no samples in {root}/test")
-    if not text_features:
-        raise ValueError(f"retrieval data: no captions in {root}/test")
-    images, texts = torch.cat(image_features), torch.cat(text_features)
-    index = torch.tensor(text_to_image, device=texts.device)
-    return {**recall_at_k(texts @ images.T, index), "n_images": len(images), "n_texts": len(texts)}
+        for images, per_sample in _batches(shards, transform, batch_size):
+            for n, texts in enumerate(per_sample, start=len(image_of_sample)):
+                captions += texts
+                text_to_image += [n] * len(texts)
+            fresh = []
+            for n, key in enumerate(map(_digest, images)):
+                if key not in image_ids:
+                    image_ids[key] = len(image_ids)
+                    fresh.append(n)
+                image_of_sample.append(image_ids[key])
+            if fresh:
+                image_features.append(encode_images(model, images[fresh], device))
+        if not image_of_sample:
+            raise ValueError(f"retrieval data: no samples in {root}/test")
+        if not captions:
+            raise ValueError(f"retrieval data: no captions in {root}/test")
+        tokens, text_of_caption = torch.unique(tokenizer(captions), dim=0, return_inverse=True)
+        text_features = torch.cat(
+            [F.normalize(model.encode_text(chunk.to(device)).float(), dim=-1) for chunk in tokens.split(batch_size)]
+        )
+    distinct = text_features @ torch.cat(image_features).T  # [distinct captions, distinct images]
+    scores = distinct[text_of_caption.to(distinct.device)][:, torch.tensor(image_of_sample, device=distinct.device)]
+    index = torch.tensor(text_to_image, device=scores.device)
+    return {**recall_at_k(scores, index), "n_images": len(image_of_sample), "n_texts": len(captions)}

@@ -7,7 +7,9 @@ Dataset layout (CLIP_benchmark's ``wds/<name>``, as written by ``fastclip-ds dat
     ROOT/test/nshards.txt, ROOT/test/0.tar ...     KEY.png|jpg|jpeg|webp + KEY.cls (integer label)
 
 Metrics follow CLIP_benchmark: ``top1``, ``top5`` (top-min(5, C)), ``mean_per_class_recall`` (balanced accuracy
-over the classes present in the split), and ``n`` (number of images).
+over the classes present in the split), and ``n`` (number of images). A tie counts in the image's favour: it is
+right at k when fewer than k classes score strictly above its own (CLIP_benchmark's ``topk`` breaks ties
+arbitrarily), as in retrieval.
 """
 
 from __future__ import annotations
@@ -127,10 +129,11 @@ def zeroshot_eval(
             bad = targets[(targets < 0) | (targets >= len(classnames))]
             if bad.numel():
                 raise ValueError(f"zero-shot data: label {bad[0].item()} outside 0..{len(classnames) - 1}")
-            topk = (features @ classifier).topk(k, dim=-1).indices
+            scores = features @ classifier
+            rank = (scores > scores.gather(1, targets[:, None])).sum(dim=1)  # classes strictly above the label
             labels.append(targets)
-            top1_hits.append(topk[:, 0] == targets)
-            topk_hits.append((topk == targets[:, None]).any(dim=-1))
+            top1_hits.append(rank < 1)
+            topk_hits.append(rank < k)
     if not labels:
         raise ValueError(f"zero-shot data: no samples in {root}/test")
     labels, top1, topk = torch.cat(labels), torch.cat(top1_hits).double(), torch.cat(topk_hits).double()
