@@ -1,11 +1,15 @@
 """Webdataset train pipeline: per step, the rank's local batch ``(images, tokens, keys)``.
 
 Shards are img2dataset-style tars: per sample an image (``jpg``/``jpeg``/``png``/``webp``), a caption
-(``txt``) and ``json`` holding the integer sample ``key`` (the index of FastCLIP's per-sample state).
+(``txt``) and ``json`` holding the integer sample ``key`` (the index of FastCLIP's per-sample state; optional
+for a loss without per-sample state, ``key_limit=None``: such samples get key :data:`NO_KEY`).
 
-Two ways to split the data over ranks (``split=``):
+Three ways to split the data over ranks (``split=``):
 
-``"global"`` (default): world-size invariant. Every rank, and every DataLoader worker, walks the same
+``"streams"`` (default): each shard byte read once per pass across the job, and the same global batches for
+every world size and worker count in a family; see :mod:`fastclip_ds.streams`.
+
+``"global"``: world-size invariant for any world size. Every rank, and every DataLoader worker, walks the same
 seeded stream: each pass over the data shuffles the shard order by ``(seed, epoch, pass)`` and runs a
 shuffle buffer seeded the same way, emptied at the end of the pass; the stream wraps into a new pass
 when an epoch asks for more samples than the data has. The stream is cut into global batches of
@@ -20,17 +24,17 @@ every ``world_size``-th shard from ``r``, worker ``w`` every ``num_workers``-th 
 its own shuffled stream. Needs ``>= world_size * num_workers`` shards. Reads each byte once, but the
 batches depend on the world size and worker count (resume is exact only with both unchanged).
 
-Bad data is skipped and counted per reason (see :data:`REASONS`; a warning once per reason and process),
-from the raw bytes that every rank reads, so all ranks make the same grouping decision: a missing image,
-an image whose header PIL cannot identify, a missing/empty caption, a missing/non-integer ``json`` key,
-and a corrupt tar (a read error, or no end-of-archive block where it stops: cut or bad header; the rest of
-that tar is skipped, including the sample being read). An image whose header parses but whose full decode
-fails on the owning rank is replaced by a black image of the header's size (key and caption kept, so every
-rank's batch stays aligned) and counted as ``image_substituted``.
+Bad data is skipped and counted per reason (see :data:`REASONS`; a warning once per reason and process), from the
+raw bytes, so all readers of a sample make the same grouping decision: a missing image, an image whose header PIL
+cannot identify, a missing/empty caption, a missing/non-integer ``json`` key (where keys are needed; a shard
+without any key stops the run), and a corrupt tar (a read error, or no end-of-archive block where it stops: cut or
+bad header; the rest of that tar is skipped, including the sample being read). An image whose header parses but
+whose full decode fails on the owning rank is replaced by a black image of the header's size (key and caption
+kept, so every rank's batch stays aligned) and counted as ``image_substituted``.
 Counts: :meth:`TrainLoader.stats`; :meth:`TrainLoader.bad_fraction` is the share of bad samples among those read
 (the trainer stops past ``data.max_bad_fraction``). A pass over the data with no valid sample at all raises
 :class:`BadDataError`. In ``"global"`` mode every rank counts the same skipped samples
-(``image_substituted`` only on the owning rank); in ``"rank"`` mode each rank counts its own shards.
+(``image_substituted`` only on the owning rank); in ``"rank"`` and ``"streams"`` mode each rank counts its own.
 
 Augmentation is reproducible: each row's transform runs under a torch seed derived from
 ``(seed, epoch, step, global row)``, inside a forked RNG so the caller's torch RNG is untouched.
@@ -62,7 +66,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REASONS = ("no_image", "bad_image", "no_caption", "no_key", "key_out_of_range", "corrupt_tar", "image_substituted")
-SPLITS = ("global", "rank")
+SPLITS = ("streams", "global", "rank")
+NO_KEY = -1  # the key of a sample without one, for losses without per-sample state
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -99,7 +104,8 @@ class _Raw:
 
 
 def _validate(sample: dict[str, bytes], key_limit: int | None) -> _Raw | str:
-    """The sample, or the name of the reason to skip it; looks only at raw bytes and the image header."""
+    """The sample, or the name of the reason to skip it; looks only at raw bytes and the image header. Without a
+    ``key_limit`` (a loss without per-sample state) the key is optional: ``NO_KEY`` when missing."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         return "no_image"
@@ -112,7 +118,9 @@ def _validate(sample: dict[str, bytes], key_limit: int | None) -> _Raw | str:
     try:
         key = int(json.loads(sample["json"])["key"])
     except (KeyError, TypeError, ValueError):
-        return "no_key"
+        if key_limit is not None:
+            return "no_key"
+        key = NO_KEY
     if key_limit is not None and not 0 <= key < key_limit:
         return "key_out_of_range"
     try:
@@ -121,6 +129,22 @@ def _validate(sample: dict[str, bytes], key_limit: int | None) -> _Raw | str:
     except Exception:  # PIL raises many types for unidentifiable bytes
         return "bad_image"
     return _Raw(key, caption, sample[ext], size)
+
+
+def _shard_samples(url: str, key_limit: int | None) -> Iterator[_Raw | str]:
+    """The shard's validated samples and skip reasons. A shard where no sample has a key, read for a loss that needs
+    keys (``key_limit`` set), raises :class:`BadDataError` naming the shard."""
+    keyed, keyless = 0, 0
+    for item in _read_tar(url):
+        out = _validate(item, key_limit) if isinstance(item, dict) else item
+        keyed += not isinstance(out, str)
+        keyless += out == "no_key"
+        yield out
+    if keyless and not keyed:
+        raise BadDataError(
+            f"{url}: no sample has an integer json 'key', which this loss's per-sample state needs "
+            "(loss.name=openclip needs none)"
+        )
 
 
 class _LastRead:
@@ -192,7 +216,59 @@ def _row_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
-class _EpochStream(IterableDataset):
+class _Decoder:
+    """What the split modes' datasets share: the epoch's arguments, decoding rows into a batch, skip counts."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        steps: int,
+        start_step: int,
+        seed: int,
+        epoch: int,
+        image_transform: Callable,
+        tokenizer: Callable,
+        counts: Tensor,
+        valid: Tensor,
+        key_limit: int | None,
+    ) -> None:
+        self.urls, self.steps, self.start_step, self.key_limit = urls, steps, start_step, key_limit
+        self.seed, self.epoch, self.image_transform, self.tokenizer = seed, epoch, image_transform, tokenizer
+        self.counts = counts  # [workers, len(REASONS)], shared memory: worker w writes row w
+        self.valid = valid  # [workers]: valid samples in the batches worker w yielded
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def _count(self, worker: int, reason: str, n: int = 1) -> None:
+        self.counts[worker, REASONS.index(reason)] += n
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("skipping bad train data (%s); further ones are only counted", reason)
+
+    def _image(self, raw: _Raw, worker: int) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(raw.image)) as img:
+                return img.convert("RGB")
+        except Exception:  # truncated or corrupt payload behind a valid header
+            self._count(worker, "image_substituted")
+            return Image.new("RGB", raw.size)
+
+    def _decode(self, step: int, rows: list[_Raw], worker: int, first_row: int) -> Batch:
+        """Rows ``first_row, first_row + 1, ...`` of step ``step``'s global batch, each augmented under its own seed."""
+        images = []
+        with torch.random.fork_rng(devices=[]):
+            for i, raw in enumerate(rows):
+                torch.default_generator.manual_seed(_row_seed(self.seed, self.epoch, step, first_row + i))
+                images.append(self.image_transform(self._image(raw, worker)))
+        tokens = self.tokenizer([r.caption for r in rows])
+        keys = torch.tensor([r.key for r in rows], dtype=torch.int64)
+        return torch.stack(images), tokens, keys
+
+
+class _EpochStream(_Decoder, IterableDataset):
     """One epoch's batches for one rank; in a DataLoader, worker ``w`` of ``W`` yields steps
     ``start_step + w, start_step + w + W, ...`` so the round-robin order is step order."""
 
@@ -200,37 +276,22 @@ class _EpochStream(IterableDataset):
         self,
         urls: list[str],
         *,
-        steps: int,
         global_batch: int,
         world_size: int,
         rank: int,
-        seed: int,
-        epoch: int,
-        image_transform: Callable,
-        tokenizer: Callable,
         workers: int,
         shuffle_buffer: int,
         split: str,
-        start_step: int,
-        counts: Tensor,
-        valid: Tensor,
-        key_limit: int | None,
+        **common: Any,
     ) -> None:
-        self.urls, self.steps, self.start_step, self.key_limit = urls, steps, start_step, key_limit
-        self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, epoch
-        self.image_transform, self.tokenizer = image_transform, tokenizer
+        super().__init__(urls, **common)
+        self.world_size, self.rank = world_size, rank
         self.workers, self.shuffle_buffer, self.split = workers, max(shuffle_buffer, 1), split
         self.local_batch = global_batch // world_size
         # global: group whole global batches, keep this rank's rows; rank: group local batches.
         self.group = global_batch if split == "global" else self.local_batch
         self.first_row = rank * self.local_batch if split == "global" else 0
         self.seed_row = rank * self.local_batch  # this rank's first row in the global batch, for augmentation seeds
-        self.counts = counts  # [workers, len(REASONS)], shared memory: worker w writes row w
-        self.valid = valid  # [workers]: valid samples in the groups worker w yielded
-        self._warned: set[str] = set()
-
-    def __len__(self) -> int:
-        return self.steps - self.start_step
 
     def _pass_shards(self, stream: int, pass_idx: int) -> list[str]:
         urls = list(self.urls)
@@ -244,9 +305,7 @@ class _EpochStream(IterableDataset):
         rank_part = self.rank if self.split == "rank" else "all"
         for pass_idx in itertools.count():
             shards = self._pass_shards(stream, pass_idx)
-            items = (
-                _validate(s, self.key_limit) if isinstance(s, dict) else s for url in shards for s in _read_tar(url)
-            )
+            items = (s for url in shards for s in _shard_samples(url, self.key_limit))
             rng = random.Random(f"{self.seed}:{self.epoch}:{pass_idx}:{rank_part}:{stream}:buffer")
             valid = 0
             for item in _shuffled(items, self.shuffle_buffer, rng):
@@ -267,30 +326,6 @@ class _EpochStream(IterableDataset):
                 yield step, group, bad
                 step, group, bad = step + stride, [], Counter()
 
-    def _count(self, worker: int, reason: str, n: int = 1) -> None:
-        self.counts[worker, REASONS.index(reason)] += n
-        if reason not in self._warned:
-            self._warned.add(reason)
-            log.warning("skipping bad train data (%s); further ones are only counted", reason)
-
-    def _image(self, raw: _Raw, worker: int) -> Image.Image:
-        try:
-            with Image.open(io.BytesIO(raw.image)) as img:
-                return img.convert("RGB")
-        except Exception:  # truncated or corrupt payload behind a valid header
-            self._count(worker, "image_substituted")
-            return Image.new("RGB", raw.size)
-
-    def _decode(self, step: int, rows: list[_Raw], worker: int) -> Batch:
-        images = []
-        with torch.random.fork_rng(devices=[]):
-            for i, raw in enumerate(rows):
-                torch.default_generator.manual_seed(_row_seed(self.seed, self.epoch, step, self.seed_row + i))
-                images.append(self.image_transform(self._image(raw, worker)))
-        tokens = self.tokenizer([r.caption for r in rows])
-        keys = torch.tensor([r.key for r in rows], dtype=torch.int64)
-        return torch.stack(images), tokens, keys
-
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
@@ -306,7 +341,7 @@ class _EpochStream(IterableDataset):
             for reason, n in bad.items():
                 self._count(worker, reason, n)
             self.valid[worker] += len(group)
-            yield self._decode(step, group[self.first_row : self.first_row + self.local_batch], worker)
+            yield self._decode(step, group[self.first_row : self.first_row + self.local_batch], worker, self.seed_row)
 
 
 class TrainLoader:
@@ -319,6 +354,10 @@ class TrainLoader:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[Batch]:
+        yield from self._items()
+
+    def _items(self) -> Iterator[Any]:
+        """The dataset's items, from DataLoader workers when there are any."""
         if self.num_workers == 0:
             yield from self.dataset
             return
@@ -327,6 +366,10 @@ class TrainLoader:
         except BadDataError as err:  # re-raised from a worker with its traceback: keep the one-line reason
             last = str(err).strip().splitlines()[-1]
             raise BadDataError(last.partition(f"{BadDataError.__name__}: ")[2] or last) from None
+
+    def state(self, max_over_ranks: Callable[[list[int]], list[int]]) -> dict[str, Any] | None:
+        """Where the data stands, for an instant resume: only in ``"streams"`` mode (None: a resume replays)."""
+        return None
 
     def stats(self) -> dict[str, int]:
         """Skipped/substituted sample counts per reason so far (summed over workers)."""
@@ -354,15 +397,19 @@ def train_loader(
     tokenizer: Callable,
     num_workers: int = 1,
     shuffle_buffer: int = 1000,
-    split: str = "global",
+    split: str = "streams",
+    streams: int = 8,
     start_step: int = 0,
+    resume: dict[str, Any] | None = None,
     key_limit: int | None = None,
 ) -> TrainLoader:
     """This rank's batches for steps ``start_step .. steps_per_epoch(num_samples, global_batch) - 1`` of ``epoch``.
 
     ``image_transform(PIL RGB image) -> Tensor [3,H,W]``; ``tokenizer(list[str]) -> LongTensor [n, L]``.
-    ``start_step`` skips earlier steps without decoding them (exact resume). With ``key_limit``, a sample whose
-    key lies outside ``[0, key_limit)`` is skipped (``key_out_of_range``). See the module docstring
+    ``start_step`` skips earlier steps without decoding them (exact resume); in ``"streams"`` mode a ``resume`` state
+    (:meth:`~fastclip_ds.streams.StreamLoader.state`) of the same epoch and step starts each stream where it
+    stood instead of replaying it (any other state is ignored). With ``key_limit``, a sample whose key lies outside
+    ``[0, key_limit)`` is skipped (``key_out_of_range``). See the module docstring and :mod:`fastclip_ds.streams`
     for the ``split`` modes, bad-data handling and costs.
     """
     if split not in SPLITS:
@@ -382,14 +429,34 @@ def train_loader(
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} train shard(s) not found, e.g. {missing[0]}")
+    counts = torch.zeros(max(num_workers, 1), len(REASONS), dtype=torch.int64).share_memory_()
+    valid = torch.zeros(max(num_workers, 1), dtype=torch.int64).share_memory_()
+    if split == "streams":
+        return _stream_loader(
+            urls,
+            steps=steps,
+            global_batch=global_batch,
+            streams=streams,
+            world_size=world_size,
+            rank=rank,
+            num_workers=num_workers,
+            seed=seed,
+            epoch=epoch,
+            image_transform=image_transform,
+            tokenizer=tokenizer,
+            block=shuffle_buffer,
+            start_step=start_step,
+            resume=resume,
+            counts=counts,
+            valid=valid,
+            key_limit=key_limit,
+        )
     workers = max(num_workers, 1)
     if split == "rank" and len(urls) < world_size * workers:
         raise ValueError(
             f"split='rank' needs >= world_size*num_workers = {world_size * workers} shards, got {len(urls)}; "
             "use split='global' or fewer workers"
         )
-    counts = torch.zeros(workers, len(REASONS), dtype=torch.int64).share_memory_()
-    valid = torch.zeros(workers, dtype=torch.int64).share_memory_()
     dataset = _EpochStream(
         urls,
         steps=steps,
@@ -409,3 +476,23 @@ def train_loader(
         key_limit=key_limit,
     )
     return TrainLoader(dataset, num_workers)
+
+
+def _stream_loader(urls: list[str], *, streams: int, world_size: int, num_workers: int, **kw: Any) -> TrainLoader:
+    from .streams import StreamLoader, _StreamEpoch, stream_layout
+
+    used, workers = stream_layout(streams, len(urls), world_size, num_workers, kw["global_batch"])
+    resume = kw.pop("resume")
+    same_step = resume is not None and (resume["epoch"], resume["step"]) == (kw["epoch"], kw["start_step"])
+    positions = resume["streams"] if same_step else None
+    if positions is not None and len(positions) != used:
+        raise ValueError(f"saved data position has {len(positions)} streams, this run reads {used}")
+    dataset = _StreamEpoch(
+        urls,
+        streams=used,
+        world_size=world_size,
+        workers=workers,
+        positions=None if positions is None else [tuple(p) for p in positions],
+        **kw,
+    )
+    return StreamLoader(dataset, num_workers and workers)

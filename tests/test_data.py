@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip_ds.data import REASONS, _read_tar, expand_urls, steps_per_epoch, train_loader
+from fastclip_ds.data import NO_KEY, REASONS, BadDataError, _read_tar, expand_urls, steps_per_epoch, train_loader
 from fastclip_ds.digits import NUM_TRAIN, train_pattern
 
 TOKEN_LEN = 64
@@ -48,6 +48,7 @@ def load(pattern: str, **kw) -> list[tuple[torch.Tensor, torch.Tensor, torch.Ten
         "image_transform": to_tensor,
         "tokenizer": byte_tokens,
         "num_workers": 0,
+        "split": "global",
     }
     return list(train_loader(pattern, **(args | kw)))
 
@@ -218,11 +219,17 @@ def bad_shards(tmp_path: Path) -> tuple[str, set[int]]:
     return f"{tmp_path}/s{{0..2}}.tar", valid
 
 
-def test_bad_data_is_skipped_and_counted(bad_shards: tuple[str, set[int]], caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("split", ["global", "streams"])
+def test_bad_data_is_skipped_and_counted(
+    bad_shards: tuple[str, set[int]], caplog: pytest.LogCaptureFixture, split: str
+) -> None:
     pattern, valid = bad_shards
     expected = {"no_image": 1, "bad_image": 1, "no_caption": 2, "no_key": 2, "key_out_of_range": 1, "corrupt_tar": 1}
-    kw = {"num_samples": 16, "global_batch": 8, "world_size": 2, "num_workers": 0, "key_limit": 1000}
-    loaders = [train_loader(pattern, **(_required() | kw | {"rank": r})) for r in range(2)]
+    kw = {"num_samples": 16, "global_batch": 8, "num_workers": 0, "key_limit": 1000, "split": split}
+    # global: 2 ranks, each reads (and counts) everything; streams: one stream reads the three shards in one pass
+    ranks = 2 if split == "global" else 1
+    kw |= {"world_size": ranks, "streams": 1}
+    loaders = [train_loader(pattern, **(_required() | kw | {"rank": r})) for r in range(ranks)]
     with caplog.at_level(logging.WARNING, logger="fastclip_ds.data"):
         per_rank = [list(loader) for loader in loaders]
     keys = sorted(k for batches in per_rank for _, _, ks in batches for k in ks.tolist())
@@ -231,13 +238,29 @@ def test_bad_data_is_skipped_and_counted(bad_shards: tuple[str, set[int]], caplo
     assert set(expected) | {"image_substituted"} == set(REASONS)  # every reason is exercised
     for s in stats:
         assert s == expected | {"image_substituted": s["image_substituted"]}
-    assert stats[0]["image_substituted"] + stats[1]["image_substituted"] == 1
+    assert sum(s["image_substituted"] for s in stats) == 1
     (img_108,) = [
         img for batches in per_rank for ims, _, ks in batches for img, k in zip(ims, ks, strict=True) if k == 108
     ]
     assert torch.count_nonzero(img_108) == 0 and img_108.shape == (3, 8, 8)  # black stand-in, same size
     warned = [r.getMessage() for r in caplog.records]
-    assert sum("(no_caption)" in m for m in warned) == 2  # once per reason and loader: 2 loaders here
+    assert sum("(no_caption)" in m for m in warned) == ranks  # once per reason and loader
+
+
+def test_keys_are_needed_only_by_losses_with_per_sample_state(tmp_path: Path) -> None:
+    # Catches: keyless shards refused for the openclip loss, or skipped sample by sample (an empty epoch) instead
+    # of a clear stop for a loss whose per-sample state needs keys.
+    for shard in range(2):
+        members = [m for k in range(4 * shard, 4 * shard + 4) for m in _sample(k) if not m[0].endswith(".json")]
+        (tmp_path / f"k{shard}.tar").write_bytes(_tar_bytes(members))
+    pattern = f"{tmp_path}/k{{0..1}}.tar"
+    kw = _required() | {"num_samples": 8, "global_batch": 4, "split": "streams", "streams": 2}
+    batches = list(train_loader(pattern, **kw))
+    captions = sorted(c for _, tokens, _ in batches for c in untokenize(tokens))
+    assert captions == sorted(f"caption {k}" for k in range(8))
+    assert all(k == NO_KEY for _, _, keys in batches for k in keys.tolist())
+    with pytest.raises(BadDataError, match=rf"^{tmp_path}/k[01]\.tar: no sample has an integer json 'key'"):
+        list(train_loader(pattern, **(kw | {"key_limit": 100})))
 
 
 def _required() -> dict:
@@ -250,6 +273,7 @@ def _required() -> dict:
         "epoch": 0,
         "image_transform": to_tensor,
         "tokenizer": byte_tokens,
+        "split": "global",
     }
 
 
