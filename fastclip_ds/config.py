@@ -14,12 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import data, digits
+from .model import resolve_model_config
+
+# ``losses`` and ``optim`` are imported where used: they import comm -> ds_compat -> config (ConfigError).
+
 DEFAULT_SOURCE = "<defaults>"
 SET_SOURCE = "--set"
+EVAL_AUTO = "auto"  # eval.data: the digits test split when training on the embedded digits shards, else none
 
 # Keys that may be null: the type a non-null value must have.
 NULLABLE: dict[str, type | tuple[type, ...]] = {
     "data.dataset_size": int,
+    "data.source_sizes": list,
+    "data.upsampling_factors": list,
+    "data.num_workers": int,
     "train.max_steps": int,
     "eval.data": str,
     "loss.lr_tau": (int, float),
@@ -28,12 +37,12 @@ NULLABLE: dict[str, type | tuple[type, ...]] = {
 
 
 def choices() -> dict[str, tuple[str, ...]]:
-    """Allowed values of the enumerated keys, the loss and optimizer ones from their modules."""
+    """Allowed values of the enumerated keys, each from the module that uses it."""
     from . import losses, optim
 
     return {
-        "data.split": ("global", "rank"),
-        "train.lr_scheduler": ("cosine", "const"),
+        "data.split": data.SPLITS,
+        "train.lr_scheduler": optim.LR_SCHEDULERS,
         "optimizer.name": optim.OPTIMIZERS,
         **{f"loss.{k}": v for k, v in losses.CHOICES.items()},
     }
@@ -64,16 +73,20 @@ def train_defaults() -> dict[str, Any]:
 
 def default_config() -> dict[str, Any]:
     """The embedded default run: a tiny CLIP on the scikit-learn digits shards (written on first use)."""
-    from . import digits, losses, optim
+    from . import losses, optim
 
     return {
         "data": {
             "train": digits.train_pattern(digits.DEFAULT_ROOT),
             "num_samples": digits.NUM_TRAIN,
             "dataset_size": None,
-            "split": "global",
-            "num_workers": 1,
-            "shuffle_buffer": 1000,
+            "split": "streams",
+            "streams": 8,
+            "source_sizes": None,
+            "upsampling_factors": None,
+            "resampled": False,
+            "num_workers": None,
+            "shuffle_buffer": data.SHUFFLE_BUFFER,
             "augment": True,
             "max_bad_fraction": 0.1,
         },
@@ -81,7 +94,7 @@ def default_config() -> dict[str, Any]:
         "loss": dict(losses.DEFAULTS),
         "optimizer": dict(optim.DEFAULTS),
         "train": train_defaults(),
-        "eval": {"data": str(digits.eval_root(digits.DEFAULT_ROOT)), "every_steps": 0, "batch_size": 256},
+        "eval": {"data": EVAL_AUTO, "every_steps": 0, "batch_size": 256},
     }
 
 
@@ -218,7 +231,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise cfg.error("train.max_steps", f"must be positive or null, got {train['max_steps']!r}")
     if data["dataset_size"] is not None and data["dataset_size"] <= 0:
         raise cfg.error("data.dataset_size", f"must be positive or null, got {data['dataset_size']!r}")
-    if not 1 <= data["num_workers"] <= 16 and data["num_workers"] != 0:
+    if data["num_workers"] is not None and not 0 <= data["num_workers"] <= 16:
         raise cfg.error("data.num_workers", f"must be between 0 and 16, got {data['num_workers']!r}")
     if train["lr_scheduler"] == "cosine" and total_steps(cfg) <= train["warmup_steps"]:
         raise cfg.error(
@@ -226,6 +239,16 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         )
     if not data["train"].strip():
         raise cfg.error("data.train", "empty shard pattern")
+    if data["split"] == "streams":
+        from .data import expand_urls
+        from .streams import stream_layout
+
+        try:
+            shards = len(expand_urls(data["train"]))
+            stream_layout(data["streams"], shards, world_size, 1, batch)  # any worker count fits the family
+        except ValueError as err:
+            raise cfg.error("data.streams", str(err)) from None
+    _validate_sources(cfg)
     if not 0 <= data["max_bad_fraction"] <= 1:
         raise cfg.error("data.max_bad_fraction", f"must be in [0, 1], got {data['max_bad_fraction']!r}")
     for key in ("train.max_nonfinite_steps", "train.collective_timeout_s"):
@@ -234,39 +257,58 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             raise cfg.error(key, f"must be positive, got {cfg[section][leaf]!r}")
     if train["keep_checkpoints"] < 0:
         raise cfg.error("train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {train['keep_checkpoints']!r}")
-    _validate_optimizer(cfg)
+    from . import optim
+
+    try:
+        optim.check_config(cfg["optimizer"])
+    except ValueError as err:
+        key, _, message = str(err).partition(": ")
+        raise cfg.error(key, message) from None
     _resolve_loss(cfg)
+    _resolve_eval_data(cfg)
 
 
-def _validate_optimizer(cfg: RunConfig) -> None:
-    opt = cfg["optimizer"]
-    betas = opt["betas"]
-    if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
-        raise cfg.error("optimizer.betas", f"expected two numbers in [0, 1), got {betas!r}")
-    for key in ("eps", "weight_decay", "momentum"):
-        if opt[key] < 0:
-            raise cfg.error(f"optimizer.{key}", f"must be >= 0, got {opt[key]!r}")
-    if opt["nesterov"] and opt["momentum"] <= 0:
-        raise cfg.error("optimizer.nesterov", "needs optimizer.momentum > 0")
+def _validate_sources(cfg: RunConfig) -> None:
+    data = cfg["data"]
+    parts = len(data["train"].split("::"))
+    for key, kind in (("source_sizes", int), ("upsampling_factors", (int, float))):
+        values = data[key]
+        if values is not None and (
+            len(values) != parts or not all(isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in values)
+        ):
+            raise cfg.error(f"data.{key}", f"needs {parts} positive number(s), one per '::'-separated source: {values}")
+    if data["upsampling_factors"] is not None and not data["resampled"]:
+        raise cfg.error("data.upsampling_factors", "needs data.resampled=true (as OpenCLIP's)")
+    if data["resampled"] and data["split"] != "streams":
+        raise cfg.error("data.resampled", f"needs data.split=streams, got {data['split']!r}")
+    sizes, size = data["source_sizes"], data["dataset_size"]
+    if sizes is not None and size is not None and size != sum(sizes):
+        raise cfg.error("data.dataset_size", f"{size} is not the sum of data.source_sizes ({sum(sizes)}); use null")
+
+
+def _resolve_eval_data(cfg: RunConfig) -> None:
+    """``eval.data = auto``: the digits test split when the run trains on the embedded digits shards (the split
+    it was made for), else no evaluation; the saved config shows which."""
+    if cfg["eval"]["data"] == EVAL_AUTO:
+        on_digits = cfg["data"]["train"] == digits.train_pattern(digits.DEFAULT_ROOT)
+        cfg.values["eval"]["data"] = str(digits.eval_root(digits.DEFAULT_ROOT)) if on_digits else None
 
 
 def _resolve_loss(cfg: RunConfig) -> None:
     """Fill the loss section's ``auto`` values (the saved config shows what ran); ``losses.settings`` checks it."""
-    from .losses import resolve_config
+    from . import losses
 
     try:
-        cfg.values["loss"] = resolve_config(cfg["loss"])
+        cfg.values["loss"] = losses.resolve_config(cfg["loss"])
     except ValueError as err:
         key, _, message = str(err).partition(": ")
         raise cfg.error(key, message) from None
 
 
 def check_environment(cfg: RunConfig) -> Path:
-    """Paths the run needs, checked before any process group: a writable ``train.output_dir`` (created; returned),
-    every shard of ``data.train`` (the digits demo is written on first use) and the ``eval.data`` directory."""
-    from . import digits
-    from .data import expand_urls
-
+    """What the run reads and writes, checked before any process group: a writable ``train.output_dir`` (created;
+    returned), ``model.config``, every shard of ``data.train`` (the digits demo is written on first use) and the
+    ``eval.data`` directory."""
     out = Path(cfg["train"]["output_dir"]).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -275,11 +317,15 @@ def check_environment(cfg: RunConfig) -> Path:
         probe.unlink()
     except OSError as err:
         raise cfg.error("train.output_dir", f"{str(out)!r} is not writable ({err.strerror})") from None
+    try:
+        resolve_model_config(cfg["model"]["config"])
+    except (ValueError, FileNotFoundError) as err:
+        raise cfg.error("model.config", str(err)) from None
     pattern = cfg["data"]["train"]
     if pattern == digits.train_pattern(digits.DEFAULT_ROOT):
         digits.ensure_digits(digits.DEFAULT_ROOT)
     try:
-        urls = expand_urls(pattern)
+        urls = data.expand_urls(pattern)
     except ValueError as err:
         raise cfg.error("data.train", str(err)) from None
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
@@ -300,18 +346,28 @@ def total_steps(cfg: RunConfig) -> int:
 
 
 def dataset_size(cfg: RunConfig) -> int:
-    """Number of per-sample state slots: ``data.dataset_size`` or, if null, ``data.num_samples``."""
-    size = cfg["data"]["dataset_size"]
-    return cfg["data"]["num_samples"] if size is None else size
+    """Number of per-sample state slots: ``data.dataset_size``, else the sum of ``data.source_sizes``, else
+    ``data.num_samples``."""
+    data = cfg["data"]
+    if data["dataset_size"] is not None:
+        return data["dataset_size"]
+    return data["num_samples"] if data["source_sizes"] is None else sum(data["source_sizes"])
 
 
 KEY_HELP: dict[str, str] = {
     "data.train": "webdataset shards: brace pattern, '::' joins several (img2dataset layout, integer json 'key')",
     "data.num_samples": "samples per epoch (steps per epoch = num_samples // global batch)",
-    "data.dataset_size": "slots of per-sample loss state, > the largest key; null = data.num_samples",
-    "data.split": "global: the global batch at step t is identical for any world size; rank: OpenCLIP-style shards",
-    "data.num_workers": "DataLoader workers per rank",
-    "data.shuffle_buffer": "samples in the shuffle buffer",
+    "data.dataset_size": "slots of per-sample loss state, > the largest key; null = sum(source_sizes) or num_samples",
+    "data.source_sizes": "null (the '::' sources share one key space) or per source its key count: source j's keys "
+    "[0, n_j) land at sum(n_<j) + key, so sources never share per-sample state",
+    "data.upsampling_factors": "per source, how much more often each of its shards is drawn (OpenCLIP's meaning; "
+    "needs data.resampled)",
+    "data.resampled": "draw shards with replacement (OpenCLIP's --dataset-resampled); an epoch is data.num_samples",
+    "data.split": "streams: each shard read once per pass and the same global batches for any world size dividing "
+    "data.streams; global: same batches for any world size, every rank reads everything; rank: OpenCLIP-style",
+    "data.streams": "logical data streams (streams mode): world size must divide it, it must divide the global batch",
+    "data.num_workers": "DataLoader workers per rank (null: from the CPUs per local rank, 1..8)",
+    "data.shuffle_buffer": "samples in the shuffle buffer (streams mode: valid samples per shuffled block of a shard)",
     "data.augment": "random-crop augmentation of training images (false: the eval transform)",
     "data.max_bad_fraction": "stop when more than this fraction of read samples is bad (corrupt, undecodable, ...)",
     "model.config": "open_clip model name (RN50, ViT-B-32, fastclip-tiny, fastclip-micro) or a model-config JSON",
@@ -354,7 +410,8 @@ KEY_HELP: dict[str, str] = {
     "train.log_every_steps": "log metrics every N steps",
     "train.max_nonfinite_steps": "abort after this many non-finite (skipped) steps in a row",
     "train.collective_timeout_s": "a rank that waits this long on a collective exits with an error",
-    "eval.data": "zero-shot / retrieval split in CLIP_benchmark's wds layout; null: no evaluation",
+    "eval.data": "zero-shot / retrieval split in CLIP_benchmark's wds layout; auto: the digits test split when "
+    "data.train is the embedded digits, else none; null: no evaluation",
     "eval.every_steps": "evaluate every N steps (0: only at the end)",
     "eval.batch_size": "images per evaluation batch",
 }

@@ -1,4 +1,4 @@
-"""DeepSpeed config assembly and engine creation.
+"""DeepSpeed config assembly and engine creation (:func:`initialize`).
 
 The DeepSpeed JSON (``--deepspeed_config``, DeepSpeed's own keys) owns ZeRO, precision and
 ``gradient_clipping``. The run config owns the batch, the optimizer and the schedules: the batch
@@ -12,16 +12,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 
 from .config import ConfigError, read_json_object
+from .optim import enable_layerwise_lamb
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 OWNED_BY_RUN_CONFIG = {
     "optimizer": "the run config's optimizer section",
     "scheduler": "train.lr, train.warmup_steps and train.lr_scheduler in the run config",
 }
-LOGIT_SCALE_MAX = math.log(100.0)  # tau >= 0.01, as OpenCLIP and FastCLIP clamp it
 
 
 def default_ds_config(on_cuda: bool) -> dict[str, Any]:
@@ -76,20 +77,32 @@ def precision_dtype(ds_config: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
-def clamp_logit_scale_after_step(optimizer: torch.optim.Optimizer) -> None:
-    """Clamp the ``logit_scale`` group to [0, ln 100] after every inner optimizer step.
+def initialize(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]
+) -> Any:
+    """The DeepSpeed engine for our client optimizer and schedule (LAMB told the ZeRO partition layout)."""
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    enable_layerwise_lamb(engine)
+    return engine
+
+
+def clamp_logit_scale_after_step(optimizer: torch.optim.Optimizer, tau_min: float) -> None:
+    """Clamp the ``logit_scale`` group to [0, ln(1/tau_min)] (τ in [tau_min, 1], ``loss.tau_min``; OpenCLIP's
+    fixed bound is τ ≥ 0.01) after every inner optimizer step.
 
     A post-step hook on the client optimizer works at every ZeRO stage: DeepSpeed hands the inner
     optimizer its (fp32, possibly partitioned) copies of the group, so the clamp reaches the master
     weights, not a stale low-precision view.
     """
 
+    high = math.log(1.0 / tau_min)
+
     def hook(opt: torch.optim.Optimizer, *_: Any) -> None:
         with torch.no_grad():
             for group in opt.param_groups:
                 if group.get("name") == "logit_scale":
                     for p in group["params"]:
-                        p.clamp_(0.0, LOGIT_SCALE_MAX)
+                        p.clamp_(0.0, high)
 
     optimizer.register_step_post_hook(hook)
 
@@ -105,3 +118,9 @@ def grads_finite(engine: Any) -> bool:
     so every rank reaches the same answer)."""
     peaks = [p.grad.detach().abs().amax() for p in engine.module.parameters() if p.grad is not None]
     return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())
+
+
+def scaler_skips_steps(engine: Any) -> bool:
+    """Whether a step DeepSpeed skips is the fp16 dynamic loss scaler's overflow: it lowers the scale and goes on
+    (and raises at its minimum scale), so such skips are routine, not a sign of a broken run."""
+    return bool(engine.fp16_enabled() and engine.dynamic_loss_scale())

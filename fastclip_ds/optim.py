@@ -39,8 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 from torch.optim import Optimizer
+
+from . import comm, ds_compat
 
 DEFAULTS: dict[str, Any] = {
     "name": "adamw",
@@ -57,11 +60,32 @@ TAU_THRESH = 0.03
 TAU_THRESH_FACTOR = 1.0 / 3.0
 
 
-def _check_betas(betas: Iterable[float]) -> tuple[float, float]:
-    betas = tuple(float(b) for b in betas)
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"optimizer.betas: {list(betas)} must be two numbers in [0, 1)")
-    return betas
+def _check_betas(betas: Any) -> tuple[float, float]:
+    if not (isinstance(betas, list | tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"optimizer.betas: expected two numbers in [0, 1), got {betas!r}")
+    return float(betas[0]), float(betas[1])
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``optimizer`` section over :data:`DEFAULTS`, checked (the one place these rules live); a bad value
+    raises ``ValueError("optimizer.KEY: message")``."""
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"optimizer.{unknown[0]}: unknown key (known: {', '.join(DEFAULTS)})")
+    cfg = {**DEFAULTS, **cfg}
+    if cfg["name"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name: {cfg['name']!r} is not one of {', '.join(OPTIMIZERS)}")
+    _check_betas(cfg["betas"])
+    for key in ("eps", "weight_decay", "momentum"):
+        if not _is_number(cfg[key]) or cfg[key] < 0:
+            raise ValueError(f"optimizer.{key}: must be >= 0, got {cfg[key]!r}")
+    if cfg["nesterov"] and cfg["momentum"] <= 0:
+        raise ValueError(f"optimizer.nesterov: needs optimizer.momentum > 0, got {cfg['momentum']!r}")
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -208,22 +232,14 @@ def param_groups(
 def build_optimizer(
     model: nn.Module, cfg: dict[str, Any], *, lr: float, lr_tau: float | None, train_logit_scale: bool
 ) -> Optimizer:
-    """The optimizer named by ``cfg`` (the config's ``optimizer`` section, missing keys from :data:`DEFAULTS`).
+    """The optimizer named by ``cfg`` (the config's ``optimizer`` section, checked by :func:`check_config`).
 
     ``lr_tau=None`` means the ``logit_scale`` group uses ``lr``.
     """
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"optimizer: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **cfg}
-    name = cfg["name"]
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name: {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    cfg = check_config(cfg)
+    name, betas = cfg["name"], _check_betas(cfg["betas"])
     if lr <= 0 or (lr_tau is not None and lr_tau <= 0):
         raise ValueError(f"learning rates must be > 0 (lr={lr}, lr_tau={lr_tau})")
-    if cfg["weight_decay"] < 0 or cfg["eps"] < 0:
-        raise ValueError(f"optimizer: weight_decay ({cfg['weight_decay']}) and eps ({cfg['eps']}) must be >= 0")
-    betas = _check_betas(cfg["betas"])
     groups = param_groups(
         model,
         weight_decay=cfg["weight_decay"],
@@ -236,8 +252,6 @@ def build_optimizer(
         return Lamb(groups, lr=lr, betas=betas, eps=cfg["eps"])
     if name == "lion":
         return Lion(groups, lr=lr, betas=betas)
-    if cfg["nesterov"] and cfg["momentum"] <= 0:
-        raise ValueError(f"optimizer.nesterov: needs optimizer.momentum > 0 (got {cfg['momentum']})")
     return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
 
 
@@ -266,48 +280,33 @@ def enable_layerwise_lamb(engine: Any) -> None:
     """Tell a :class:`Lamb` inside a DeepSpeed ``engine`` how its ZeRO partitions split into tensors.
 
     Call once after ``deepspeed.initialize``; a no-op for other optimizers and for wrappers that keep
-    one fp32 tensor per parameter (ZeRO-0). Reads DeepSpeed 0.19's ZeRO-1/2/3 partition bookkeeping.
+    one fp32 tensor per parameter (ZeRO-0). The partitions come from :func:`ds_compat.zero_partitions`.
     """
     lamb = engine.basic_optimizer
     if not isinstance(lamb, Lamb):
         return
-    from deepspeed import comm
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    parts = ds_compat.zero_partitions(engine)
+    if parts is None:
+        wrapper = type(engine.optimizer).__name__
+        raise ValueError(f"LAMB: layer-wise trust ratios are not supported under DeepSpeed's {wrapper}")
+    for part in parts:
+        lengths, layers = _partition_layout(part.offsets, part.numels, part.start, part.size)
+        if sum(lengths) != part.flat.numel():
+            raise RuntimeError(f"LAMB: ZeRO partition layout ({sum(lengths)}) != partition ({part.flat.numel()})")
+        lamb.layouts[id(part.flat)] = FlatLayout(lengths, layers, len(part.numels), _norm_reducer(part.group))
 
-    def reducer(group: Any) -> Callable[[torch.Tensor], None]:
-        def reduce(t: torch.Tensor) -> None:  # via the accelerator: NCCL cannot reduce an offloaded CPU tensor
-            on_device = t.to(get_accelerator().current_device_name())
-            comm.all_reduce(on_device, group=group)
-            t.copy_(on_device)
 
-        return reduce
+def _norm_reducer(group: Any) -> Callable[[torch.Tensor], None]:
+    """In-place sum over ``group`` (op ``lamb_norms``), through the accelerator: NCCL cannot reduce an offloaded
+    CPU tensor."""
+    device = get_accelerator().current_device_name()
 
-    wrapper = engine.optimizer
-    flats: list[tuple[torch.Tensor, FlatLayout]] = []
-    if isinstance(wrapper, DeepSpeedZeroOptimizer):
-        for i, flat in enumerate(wrapper.single_partition_of_fp32_groups):
-            group, size = wrapper.real_dp_process_group[i], wrapper.partition_size[i]
-            numels = [m.numel() for m in wrapper.round_robin_bit16_meta[i]]
-            lengths, layers = _partition_layout(
-                wrapper.round_robin_bit16_offsets[i], numels, comm.get_rank(group=group) * size, size
-            )
-            flats.append((flat, FlatLayout(lengths, layers, len(numels), reducer(group))))
-    elif isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        for i, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
-            lengths = [t.ds_numel for t in wrapper.fp16_partitioned_groups[i]]
-            layout = FlatLayout(
-                lengths, list(range(len(lengths))), len(lengths), reducer(wrapper.sub_group_process_groups[i])
-            )
-            flats.append((flat, layout))
-    elif wrapper is not lamb and not isinstance(wrapper, FP16_UnfusedOptimizer):
-        raise ValueError(f"LAMB: layer-wise trust ratios are not supported under DeepSpeed's {type(wrapper).__name__}")
-    for flat, layout in flats:
-        if sum(layout.lengths) != flat.numel():
-            raise RuntimeError(f"LAMB: ZeRO partition layout ({sum(layout.lengths)}) != partition ({flat.numel()})")
-        lamb.layouts[id(flat)] = layout
+    def reduce(t: torch.Tensor) -> None:
+        on_device = t.to(device)
+        comm.all_reduce_sum_(on_device, op="lamb_norms", group=group)
+        t.copy_(on_device)
+
+    return reduce
 
 
 def warmup_cosine(step: int, base_lr: float, warmup_steps: int, total_steps: int, lr_min: float) -> float:
@@ -359,7 +358,6 @@ class LRSchedule:
         self.lr_scheduler, self.tau_scheduler, self.tau_fn = lr_scheduler, tau_scheduler, tau_fn
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.last_step = 0
-        self.last_tau: float | None = None
         self._apply()
 
     def _group_lr(self, name: str | None, base_lr: float) -> float:
@@ -372,8 +370,7 @@ class LRSchedule:
         if rule == "const":
             return base_lr
         assert self.tau_fn is not None  # step_thresh; checked in __init__
-        self.last_tau = float(self.tau_fn())
-        return base_lr * TAU_THRESH_FACTOR if self.last_tau <= TAU_THRESH else base_lr
+        return base_lr * TAU_THRESH_FACTOR if self.tau_fn() <= TAU_THRESH else base_lr
 
     def _apply(self) -> None:
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
@@ -394,25 +391,3 @@ class LRSchedule:
         """Restore the step and re-apply its lrs (overriding lrs a loaded optimizer state carried)."""
         self.last_step = int(state["last_step"])
         self._apply()
-
-
-def build_scheduler(
-    optimizer: Optimizer,
-    *,
-    warmup_steps: int,
-    total_steps: int,
-    lr_min: float,
-    tau_scheduler: str,
-    tau_fn: Callable[[], float] | None,
-    lr_scheduler: str = "cosine",
-) -> LRSchedule:
-    """:class:`LRSchedule` for ``optimizer`` (see the module docstring for the rules)."""
-    return LRSchedule(
-        optimizer,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        lr_min=lr_min,
-        lr_scheduler=lr_scheduler,
-        tau_scheduler=tau_scheduler,
-        tau_fn=tau_fn,
-    )

@@ -2,12 +2,14 @@
 
 Works as ``python -m fastclip_ds.train`` (world size 1), ``torchrun --nproc_per_node K -m fastclip_ds.train``
 and ``deepspeed --num_gpus K --module fastclip_ds.train``. Without ``--config`` it trains the embedded
-default: a tiny CLIP on the scikit-learn digits shards (written on first use), ending with zero-shot top-1.
+default: a tiny CLIP on the scikit-learn digits shards (written on first use), ending with zero-shot scores on
+their test split (``eval.data``; every printed score names its split).
 
 Faults: SIGTERM or SIGUSR1 (e.g. slurm preemption) on any rank finishes the current step on every rank, saves
 a checkpoint and exits 0; ``--resume auto`` then continues exactly (bit-identical weights and loss state to an
 uninterrupted run), or on a different number of ranks (any ZeRO stage, equal up to float rounding). A non-finite loss
-or gradient skips the step (``train.max_nonfinite_steps`` in a row abort); bad samples are skipped and counted
+or gradient skips the step (``train.max_nonfinite_steps`` in a row abort; fp16 loss-scale overflows are counted
+apart and never abort); bad samples are skipped and counted
 (``data.max_bad_fraction`` stops the run); a lost rank ends the others within ``train.collective_timeout_s``.
 """
 
@@ -16,19 +18,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
+from torch.distributed import DistError
+from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, comm
 from .config import (
     ConfigError,
     RunConfig,
@@ -40,14 +47,25 @@ from .config import (
     total_steps,
     validate,
 )
+from .data import BadDataError, TrainLoader, steps_per_epoch, train_loader
+from .ds_compat import check_version, patch_deepspeed
 from .engine import (
     build_ds_config,
     clamp_logit_scale_after_step,
     grads_finite,
+    initialize,
     load_ds_config,
     precision_dtype,
+    scaler_skips_steps,
     steps_guarded_by_deepspeed,
 )
+from .eval import evaluate as evaluate_split
+from .losses import build_loss
+from .metrics import MetricsLogger
+from .model import create_model
+from .multiproc import free_port
+from .optim import LRSchedule, build_optimizer
+from .signals import StopRequest, agree
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,17 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def distributed_env() -> tuple[int, int, int]:
     """(world, rank, local_rank) from the launcher's environment; a plain ``python`` run is world size 1."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     return int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -122,20 +134,51 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
-    samples_seen: int = 0
+
+
+APPLIED, NONFINITE, OVERFLOW = "applied", "nonfinite", "overflow"
+
+
+@dataclass
+class StepResult:
+    """What :meth:`Trainer.train_step` did. ``outcome``: ``applied``, ``nonfinite`` (a non-finite loss or gradient
+    skipped the step) or ``overflow`` (the fp16 loss scaler skipped it and lowered its scale); ``stop``: the signal a
+    rank received (0: none); ``bad``: a rank read more bad samples than ``data.max_bad_fraction`` allows."""
+
+    values: dict[str, float]
+    outcome: str
+    stop: int
+    bad: bool
+
+
+class Throughput:
+    """Steps and wall time since the last :meth:`take`."""
+
+    def __init__(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def take(self) -> tuple[int, float]:
+        """``(steps, seconds)`` since the last call; starts the next window."""
+        now = time.perf_counter()
+        window = self.steps, now - self.start
+        self.start, self.steps = now, 0
+        return window
 
 
 class Trainer:
+    """One training run on a DeepSpeed engine; all its state is created here.
+
+    Public interface (``main`` and ``launchers/update_parity.py`` use only this): the constructor and ``with``
+    (:meth:`close` restores the signal handlers and closes the metrics files), :meth:`open_loader`,
+    :meth:`train_step`, :meth:`run`, :meth:`resume`, :meth:`save`, :meth:`evaluate`, :meth:`tau`, and the
+    attributes ``cfg``, ``bundle`` (model, transforms, tokenizer), ``engine``, ``loss_fn``, ``pos``,
+    ``steps_per_epoch`` and ``total_steps``. From construction on, SIGTERM/SIGUSR1 ask for a save and a clean exit.
+    """
+
     def __init__(self, cfg: RunConfig, ds_config: dict[str, Any], run_dir: Path, rank: int, world: int) -> None:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-
-        from .data import steps_per_epoch
-        from .losses import build_loss
-        from .metrics import MetricsLogger
-        from .model import create_model
-        from .optim import build_optimizer, build_scheduler, enable_layerwise_lamb
-
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
         self.ckpt_dir = run_dir / "checkpoints"
         train = cfg["train"]
@@ -144,42 +187,63 @@ class Trainer:
         self.dtype = precision_dtype(ds_config)
         self.steps_per_epoch = steps_per_epoch(cfg["data"]["num_samples"], train["global_batch_size"])
         self.total_steps = total_steps(cfg)
-        self.last_tau = cfg["loss"]["temperature"]
-
         self.bundle = create_model(
             cfg["model"]["config"], init_temperature=cfg["loss"]["temperature"], seed=train["seed"]
         )
         self.loss_fn = build_loss(
             cfg["loss"], dataset_size=dataset_size(cfg), steps_per_epoch=self.steps_per_epoch, lr=train["lr"]
         )
-        model = self.bundle.model
-        lr_tau = cfg["loss"]["lr_tau"]
+        self.engine = self._build_engine(ds_config)
+        self.loss_fn.to(self.device)
+        self.loss_fn.defer_updates = True  # the u/τ write waits until the step is known to be applied
+        self.metrics = MetricsLogger(run_dir, enabled=rank == 0)
+        self.stop = StopRequest()
+        self.pos = Position()
+        self.saved_step = -1
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, in all
+        self.nonfinite_in_a_row = 0
+        self.overflow_steps = 0  # steps the fp16 loss scaler skipped, in all (they never abort the run)
+        self.throughput = Throughput()
+        self.loader: Any = None  # the current epoch's train loader
+        self.data_state: dict[str, Any] | None = None  # the data position saved with the resumed checkpoint
+
+    def _build_engine(self, ds_config: dict[str, Any]) -> Any:
+        """Optimizer (τ clamped to [loss.tau_min, 1] after every step), LR / τ-LR schedule and DeepSpeed engine."""
+        train, loss = self.cfg["train"], self.cfg["loss"]
         optimizer = build_optimizer(
-            model, cfg["optimizer"], lr=train["lr"], lr_tau=lr_tau, train_logit_scale=self.loss_fn.trains_logit_scale
+            self.bundle.model,
+            self.cfg["optimizer"],
+            lr=train["lr"],
+            lr_tau=loss["lr_tau"],
+            train_logit_scale=self.loss_fn.trains_logit_scale,
         )
-        clamp_logit_scale_after_step(optimizer)
-        scheduler = build_scheduler(
+        clamp_logit_scale_after_step(optimizer, loss["tau_min"])
+        scheduler = LRSchedule(
             optimizer,
             warmup_steps=train["warmup_steps"],
             total_steps=self.total_steps,
             lr_min=train["lr_min"],
             lr_scheduler=train["lr_scheduler"],
-            tau_scheduler=cfg["loss"]["tau_scheduler"],
+            tau_scheduler=loss["tau_scheduler"],
             tau_fn=self.tau,
         )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-        )
-        enable_layerwise_lamb(self.engine)
-        self.loss_fn.to(self.device)
-        self.loss_fn.defer_updates = True  # the u/τ write waits until the step is known to be applied
-        self.metrics = MetricsLogger(run_dir, enabled=rank == 0)
-        self.pos = Position()
-        self.saved_step = -1
-        self.nonfinite_steps = 0
+        return initialize(self.bundle.model, optimizer, scheduler, ds_config)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Restore the previous SIGTERM/SIGUSR1 handlers and close the metrics files."""
+        self.stop.restore()
+        self.metrics.close()
 
     def tau(self) -> float:
-        return self.last_tau
+        """The global τ = exp(−logit_scale) the model holds now. DeepSpeed steps the LR schedule right after the
+        optimizer, so ``step_thresh`` reads the τ just updated (and clamped), as FastCLIP's code does."""
+        return math.exp(-self.bundle.model.logit_scale.detach().item())
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> str:
@@ -188,9 +252,10 @@ class Trainer:
             return checkpoint.tag_for(self.saved_step)
         state = {
             "position": vars(self.pos),
+            "data": self.loader.state(partial(agree, device=self.device)) if self.loader else None,
             "config": self.cfg.values,
-            "last_tau": self.last_tau,
             "nonfinite_steps": self.nonfinite_steps,
+            "overflow_steps": self.overflow_steps,
         }
         tag = checkpoint.save(
             self.engine,
@@ -206,7 +271,8 @@ class Trainer:
     def resume(self, tag: str, *, universal: bool) -> None:
         state = checkpoint.load(self.engine, self.loss_fn, self.ckpt_dir, tag, universal=universal)
         self.pos = Position(**state["position"])
-        self.last_tau, self.nonfinite_steps = state["last_tau"], state["nonfinite_steps"]
+        self.data_state = state.get("data")
+        self.nonfinite_steps, self.overflow_steps = state["nonfinite_steps"], state["overflow_steps"]
         self.saved_step = self.pos.global_step
         if self.pos.step_in_epoch >= self.steps_per_epoch:
             self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
@@ -216,57 +282,73 @@ class Trainer:
             )
 
     # -- training ----------------------------------------------------------------------------------
-    def train_step(
-        self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, too_bad: bool
-    ) -> tuple[dict[str, float], bool, int, bool]:
-        """One step: ``(metrics, applied, stop signal or 0, too much bad data)``. The stop request, ``too_bad``
-        and the loss check are agreed over ranks in one all-reduce between forward and backward. A non-finite loss
-        (any rank) skips backward; non-finite gradients skip the optimizer step (DeepSpeed's own overflow check at
-        ZeRO 1-3 / bf16, ours at ZeRO-0 fp32). A skipped step writes no per-sample loss state."""
-        from .signals import agree
+    def open_loader(self) -> TrainLoader:
+        """This rank's train loader of the current epoch from the current position (kept for the next save)."""
+        train, data = self.cfg["train"], self.cfg["data"]
+        self.loader = train_loader(
+            data["train"],
+            num_samples=data["num_samples"],
+            global_batch=train["global_batch_size"],
+            world_size=self.world,
+            rank=self.rank,
+            seed=train["seed"],
+            epoch=self.pos.epoch,
+            image_transform=self.bundle.train_transform if data["augment"] else self.bundle.eval_transform,
+            tokenizer=self.bundle.tokenizer,
+            num_workers=data["num_workers"],
+            shuffle_buffer=data["shuffle_buffer"],
+            split=data["split"],
+            streams=data["streams"],
+            start_step=self.pos.step_in_epoch,
+            resume=self.data_state,
+            key_limit=self.loss_fn.key_limit,
+            source_sizes=data["source_sizes"],
+            upsampling_factors=data["upsampling_factors"],
+            resampled=data["resampled"],
+        )
+        return self.loader
 
+    def train_step(
+        self, images: torch.Tensor, tokens: torch.Tensor, keys: torch.Tensor, too_bad: bool = False
+    ) -> StepResult:
+        """One step. The stop request, ``too_bad`` and the loss check are agreed over ranks in one all-reduce
+        between forward and backward. A non-finite loss (any rank) skips backward; non-finite gradients skip the
+        optimizer step (DeepSpeed's own overflow check at ZeRO 1-3 / bf16 / fp16, ours at ZeRO-0 fp32). A skipped
+        step writes no per-sample loss state."""
         images = images.to(self.device, self.dtype, non_blocking=True)
         out = self.engine(image=images, text=tokens.to(self.device))
         result = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], keys.to(self.device))
         finite = bool(torch.isfinite(result["loss"].detach()).all() and torch.isfinite(result["objective"]).all())
         nonfinite, stop, bad = agree([int(not finite), self.stop.received, int(too_bad)], self.device)
-        applied = False
-        if not nonfinite:
-            self.engine.backward(result["loss"])
-            if steps_guarded_by_deepspeed(self.engine) or grads_finite(self.engine):
-                self.engine.step()
-                applied = self.engine.was_step_applied()
-            else:
-                self.engine.zero_grad()
-        if applied:
+        outcome = NONFINITE if nonfinite else self._backward_and_step(result["loss"])
+        if outcome == APPLIED:
             self.loss_fn.commit()
         else:
             self.loss_fn.discard()
         values = {k: float(v.detach()) for k, v in result.items()}
-        if applied:
-            self.last_tau = values.get("tau", self.last_tau)
-        return values, applied, stop, bool(bad)
+        return StepResult(values, outcome, stop, bool(bad))
+
+    def _backward_and_step(self, loss: torch.Tensor) -> str:
+        """Backward and optimizer step of a finite loss; the outcome (see :class:`StepResult`)."""
+        self.engine.backward(loss)
+        if not (steps_guarded_by_deepspeed(self.engine) or grads_finite(self.engine)):
+            self.engine.zero_grad()
+            return NONFINITE
+        self.engine.step()
+        if self.engine.was_step_applied():
+            return APPLIED
+        return OVERFLOW if scaler_skips_steps(self.engine) else NONFINITE
 
     @staticmethod
     def comm_bytes_per_step(steps: int) -> dict[str, float]:
         """Bytes this rank sent per step in each collective since the last call: the losses' own, and
         DeepSpeed's (gradient reduction, ZeRO gathers) when its ``comms_logger`` is enabled."""
-        from deepspeed.comm.comm import comms_logger
-
-        from . import comm
-
         sent = {**comm.bytes_by_op(), **comm.deepspeed_bytes_by_op()}
         comm.reset_bytes()
-        comms_logger.comms_dict.clear()
         return {f"bytes_per_step/{op}": n / steps for op, n in sent.items()}
 
-    def run(self) -> dict[str, float]:
-        """Train to the end and evaluate (the eval metrics), or stop early on SIGTERM/SIGUSR1 after saving ({})."""
-        from tqdm import tqdm
-
-        from .signals import StopRequest
-
-        self.stop = StopRequest()
+    def run(self) -> dict[str, Any]:
+        """Train to the end, save, evaluate (the eval metrics); or stop early on SIGTERM/SIGUSR1 after saving ({})."""
         bar = tqdm(
             total=self.total_steps,
             initial=self.pos.global_step,
@@ -275,106 +357,116 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        try:
-            return self._loop(bar)
-        finally:
-            bar.close()
-            self.stop.restore()
-
-    def _loop(self, bar: Any) -> dict[str, float]:
-        from .data import BadDataError, train_loader
-
-        cfg, train, data = self.cfg, self.cfg["train"], self.cfg["data"]
-        window_start, window_steps = time.perf_counter(), 0
-        in_a_row = 0
-        while self.pos.global_step < self.total_steps and self.pos.epoch < train["epochs"]:
-            self.loss_fn.set_epoch(self.pos.epoch)
-            loader = train_loader(
-                data["train"],
-                num_samples=data["num_samples"],
-                global_batch=train["global_batch_size"],
-                world_size=self.world,
-                rank=self.rank,
-                seed=train["seed"],
-                epoch=self.pos.epoch,
-                image_transform=self.bundle.train_transform if data["augment"] else self.bundle.eval_transform,
-                tokenizer=self.bundle.tokenizer,
-                num_workers=data["num_workers"],
-                shuffle_buffer=data["shuffle_buffer"],
-                split=data["split"],
-                start_step=self.pos.step_in_epoch,
-                key_limit=self.loss_fn.key_limit,
-            )
-            for images, tokens, keys in loader:
-                too_bad = loader.bad_fraction() > data["max_bad_fraction"]
-                values, applied, stop, bad = self.train_step(images, tokens, keys, too_bad)
-                if bad:
-                    self.metrics.log(self.pos.global_step, "data", loader.stats())
-                    raise BadDataError(
-                        f"{loader.bad_fraction():.1%} of the samples read on rank {self.rank} are bad, above "
-                        f"data.max_bad_fraction={data['max_bad_fraction']} (here or on another rank); "
-                        f"counts {loader.stats()}"
-                    )
-                in_a_row = 0 if applied else in_a_row + 1
-                self.nonfinite_steps += not applied
-                values["nonfinite_steps"] = self.nonfinite_steps
-                if not applied and self.rank == 0:
-                    print(f"step {self.pos.global_step + 1}: non-finite loss or gradient, step skipped", flush=True)
-                if in_a_row >= train["max_nonfinite_steps"]:
-                    raise TrainingStopped(
-                        f"{in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
-                        f"{train['max_nonfinite_steps']}) at step {self.pos.global_step + 1}; "
-                        f"last good checkpoint: {checkpoint.read_latest(self.ckpt_dir)}"
-                    )
-                self.pos.global_step += 1
-                self.pos.step_in_epoch += 1
-                self.pos.samples_seen += train["global_batch_size"]
-                window_steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", tau=f"{self.last_tau:.4f}")
-                if self.pos.global_step % train["log_every_steps"] == 0:
-                    elapsed = time.perf_counter() - window_start
-                    values["samples_per_s"] = window_steps * train["global_batch_size"] / elapsed
-                    values["lr"] = self.engine.get_lr()[0]
-                    values["epoch"] = self.pos.epoch
-                    values.update(self.comm_bytes_per_step(window_steps))
-                    self.metrics.log(self.pos.global_step, "train", values)
-                    window_start, window_steps = time.perf_counter(), 0
-                if stop or (train["save_every_steps"] and self.pos.global_step % train["save_every_steps"] == 0):
-                    self.save()
-                if stop:
-                    self.metrics.log(self.pos.global_step, "data", loader.stats())
-                    if self.rank == 0:
-                        print(
-                            f"stopped by {signal.Signals(stop).name} after step {self.pos.global_step}: checkpoint "
-                            f"{self.ckpt_dir / checkpoint.tag_for(self.pos.global_step)}; resume with --resume latest",
-                            flush=True,
-                        )
+        with bar:  # closed before the eval output
+            while self.pos.global_step < self.total_steps and self.pos.epoch < self.cfg["train"]["epochs"]:
+                if self._train_epoch(bar):
                     return {}
-                if cfg["eval"]["every_steps"] and self.pos.global_step % cfg["eval"]["every_steps"] == 0:
-                    self.evaluate()
-                if self.pos.global_step >= self.total_steps:
-                    break
-            else:
-                self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
-            self.metrics.log(self.pos.global_step, "data", loader.stats())
-        bar.close()  # before the eval output
         self.save()
         return self.evaluate()
 
-    def evaluate(self) -> dict[str, float]:
-        """Zero-shot on ``eval.data``: rank 0 computes; under ZeRO-3 every rank runs the forward (it gathers
-        the partitioned parameters collectively), and rank 0 reports."""
-        import deepspeed.comm as dist
+    def _train_epoch(self, bar: tqdm) -> bool:
+        """The rest of the current epoch (or of the run); True when a stop signal ended it, after a save."""
+        self.loss_fn.set_epoch(self.pos.epoch)
+        loader = self.open_loader()
+        for images, tokens, keys in loader:
+            step = self.train_step(images, tokens, keys, loader.bad_fraction() > self.cfg["data"]["max_bad_fraction"])
+            if step.bad:
+                self._abort_bad_data(loader)
+            self._count_skip(step.outcome)
+            self._advance(bar, step.values)
+            self._log(step.values)
+            if step.stop:
+                self._stop(step.stop, loader)
+                return True
+            if self._due(self.cfg["train"]["save_every_steps"]):
+                self.save()
+            if self._due(self.cfg["eval"]["every_steps"]):
+                self.evaluate()
+            if self.pos.global_step >= self.total_steps:
+                break
+        else:
+            self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
+        self.metrics.log(self.pos.global_step, "data", loader.stats())
+        return False
 
-        from .eval import evaluate
+    def _abort_bad_data(self, loader: TrainLoader) -> None:
+        """Some rank read more bad samples than ``data.max_bad_fraction``: log the counts and stop the run."""
+        self.metrics.log(self.pos.global_step, "data", loader.stats())
+        raise BadDataError(
+            f"{loader.bad_fraction():.1%} of the samples read on rank {self.rank} are bad, above "
+            f"data.max_bad_fraction={self.cfg['data']['max_bad_fraction']} (here or on another rank); "
+            f"counts {loader.stats()}"
+        )
 
+    def _count_skip(self, outcome: str) -> None:
+        """Count a skipped step. ``train.max_nonfinite_steps`` non-finite steps in a row stop the run; the fp16 loss
+        scaler's overflow skips are counted apart and neither stop the run nor break a run of non-finite steps."""
+        if outcome == OVERFLOW:
+            self.overflow_steps += 1
+            return
+        if outcome == APPLIED:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        step, limit = self.pos.global_step + 1, self.cfg["train"]["max_nonfinite_steps"]
+        if self.rank == 0:
+            print(f"step {step}: non-finite loss or gradient, step skipped", flush=True)
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingStopped(
+                f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps={limit}) at step "
+                f"{step}; last good checkpoint: {checkpoint.read_latest(self.ckpt_dir)}"
+            )
+
+    def _advance(self, bar: tqdm, values: dict[str, float]) -> None:
+        """Move the position and the progress bar one step on."""
+        self.pos.global_step += 1
+        self.pos.step_in_epoch += 1
+        self.throughput.tick()
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", tau=f"{values['tau']:.4f}")
+
+    def _log(self, values: dict[str, float]) -> None:
+        """Every ``train.log_every_steps``: the step's metrics, skip counts, lr, throughput and bytes per step."""
+        if not self._due(self.cfg["train"]["log_every_steps"]):
+            return
+        steps, seconds = self.throughput.take()
+        row = {
+            **values,
+            "nonfinite_steps": self.nonfinite_steps,
+            "overflow_steps": self.overflow_steps,
+            "samples_per_s": steps * self.cfg["train"]["global_batch_size"] / seconds,
+            "lr": self.engine.get_lr()[0],
+            "epoch": self.pos.epoch,
+            **self.comm_bytes_per_step(steps),
+        }
+        self.metrics.log(self.pos.global_step, "train", row)
+        self.metrics.log(self.pos.global_step, "data", {"wait_ms": self.loader.take_wait_ms(), **self.loader.stats()})
+
+    def _stop(self, signum: int, loader: TrainLoader) -> None:
+        """A rank received SIGTERM/SIGUSR1: save and say how to resume."""
+        self.save()
+        self.metrics.log(self.pos.global_step, "data", loader.stats())
+        if self.rank == 0:
+            print(
+                f"stopped by {signal.Signals(signum).name} after step {self.pos.global_step}: checkpoint "
+                f"{self.ckpt_dir / checkpoint.tag_for(self.pos.global_step)}; resume with --resume latest",
+                flush=True,
+            )
+
+    def _due(self, every: int) -> bool:
+        """Whether the step just taken is a multiple of ``every`` (0: never)."""
+        return every > 0 and self.pos.global_step % every == 0
+
+    def evaluate(self) -> dict[str, Any]:
+        """Evaluate on ``eval.data`` ({} when null); the metrics name the split under ``data``. Rank 0 computes;
+        under ZeRO-3 every rank runs the forward (it gathers the partitioned parameters collectively)."""
         root = self.cfg["eval"]["data"]
         if not root:
             return {}
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         if self.rank == 0 or self.engine.zero_optimization_stage() == 3:
-            metrics = evaluate(
+            scores = evaluate_split(
                 self.engine.module,
                 self.bundle.tokenizer,
                 self.bundle.eval_transform,
@@ -382,18 +474,25 @@ class Trainer:
                 batch_size=self.cfg["eval"]["batch_size"],
                 device=self.device,
             )
+            metrics = {"data": root, **scores}
         if self.rank == 0:
             self.metrics.log(self.pos.global_step, "eval", metrics)
-            print(f"zero-shot @ step {self.pos.global_step}: " + json.dumps(metrics), flush=True)
-        dist.barrier()
+            print(f"eval @ step {self.pos.global_step}: {summary(metrics)}", flush=True)
+        comm.barrier("eval")
         return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """One line of eval metrics that names the split they come from."""
+    numbers = "  ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "data"
+    )
+    return f"{numbers}  on {metrics['data']}"
 
 
 def collective_failure(err: BaseException) -> bool:
     """Whether ``err`` comes from a broken process group: torch's DistError (NCCL), or gloo's plain RuntimeError
     for a peer that closed its connection or a collective that timed out."""
-    from torch.distributed import DistError
-
     gloo = re.search(r"gloo.*(Connection (reset|closed)|[Tt]imed out)", str(err), re.DOTALL)
     return isinstance(err, DistError) or (isinstance(err, RuntimeError) and gloo is not None)
 
@@ -428,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     world, rank, _ = distributed_env()
     on_cuda = torch.cuda.is_available()
     try:
+        check_version()
         cfg = load_config(args.config, args.set)
         validate(cfg, world)
         if args.print_config:
@@ -446,11 +546,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    import deepspeed
-
-    from .compat import patch_deepspeed
-    from .data import BadDataError
-
     patch_deepspeed()
     timeout = cfg["train"]["collective_timeout_s"]
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
@@ -464,10 +559,10 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint.to_universal(run_dir / "checkpoints", resume[0])
             if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:  # DeepSpeed's own ZeRO-3 loader
                 ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        trainer = Trainer(cfg, ds_config, run_dir, rank, world)
-        if resume:
-            trainer.resume(resume[0], universal=resume[1])
-        metrics = trainer.run()
+        with Trainer(cfg, ds_config, run_dir, rank, world) as trainer:
+            if resume:
+                trainer.resume(resume[0], universal=resume[1])
+            metrics = trainer.run()
     except BadDataError as err:
         print(f"error: bad train data: {err}", file=sys.stderr, flush=True)
         return 1
@@ -485,10 +580,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         os._exit(1)  # the process group is broken: a normal exit could wait on it
-    trainer.metrics.close()
     if rank == 0 and metrics:
         (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"zero-shot top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  ({run_dir})", flush=True)
+        print(f"eval: {summary(metrics)}  (run {run_dir})", flush=True)
     return 0
 
 

@@ -25,14 +25,16 @@ import csv
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ALL_LOSSES = ("openclip", "sogclr", "isogclr", "fastclip_v0", "fastclip_v1", "fastclip_v2", "fastclip_v3")
+from fastclip_ds.losses import CHOICES
+from fastclip_ds.multiproc import free_port
+
+ALL_LOSSES = CHOICES["name"]
 METRICS = ("top1", "top5", "mean_per_class_recall", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
@@ -63,12 +65,6 @@ def parse_loss_sets(items: list[str], labels: dict[str, str]) -> dict[str, list[
             raise ValueError(f"--loss-set {item!r}: only loss.* keys other than loss.name may differ between runs")
         out[label].append(override)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_command(launcher: str, nproc: int, train_args: list[str]) -> list[str]:

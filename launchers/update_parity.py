@@ -91,37 +91,26 @@ def train_both(cfg: Any, world: int, rank: int, steps: int) -> tuple[dict, dict,
     from open_clip_train.scheduler import cosine_lr
     from open_clip_train.train import train_one_epoch
 
-    from fastclip_ds.compat import patch_deepspeed
     from fastclip_ds.config import validate
-    from fastclip_ds.data import train_loader
+    from fastclip_ds.ds_compat import patch_deepspeed
     from fastclip_ds.engine import build_ds_config, default_ds_config
     from fastclip_ds.model import open_clip_with_configs, to_open_clip_state_dict
-    from fastclip_ds.signals import StopRequest
     from fastclip_ds.train import Trainer
 
     validate(cfg, world)
-    train, data = cfg["train"], cfg["data"]
+    train = cfg["train"]
     ds_config = build_ds_config(default_ds_config(False), "<default>", global_batch=train["global_batch_size"],
                                 world_size=world, on_cuda=False)  # fmt: skip
     patch_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
-    trainer = Trainer(cfg, ds_config, Path(train["output_dir"]), rank, world)
-    init = {k: v.detach().clone() for k, v in to_open_clip_state_dict(trainer.engine.module.state_dict()).items()}
-
-    loader = train_loader(data["train"], num_samples=data["num_samples"], global_batch=train["global_batch_size"],
-                          world_size=world, rank=rank, seed=train["seed"], epoch=0,
-                          image_transform=trainer.bundle.eval_transform, tokenizer=trainer.bundle.tokenizer,
-                          num_workers=0)  # fmt: skip
-    batches = [b for _, b in zip(range(steps), loader, strict=False)]
-    if len(batches) < steps:
-        raise SystemExit(f"only {len(batches)} steps in an epoch of this data; lower --steps")
-    trainer.stop = StopRequest()
-    try:
+    with Trainer(cfg, ds_config, Path(train["output_dir"]), rank, world) as trainer:
+        init = {k: v.detach().clone() for k, v in to_open_clip_state_dict(trainer.engine.module.state_dict()).items()}
+        batches = [b for _, b in zip(range(steps), trainer.open_loader(), strict=False)]
+        if len(batches) < steps:
+            raise SystemExit(f"only {len(batches)} steps in an epoch of this data; lower --steps")
         for images, tokens, keys in batches:
-            trainer.train_step(images, tokens, keys, too_bad=False)
-    finally:
-        trainer.stop.restore()
-    ours = to_open_clip_state_dict(trainer.engine.module.state_dict())
+            trainer.train_step(images, tokens, keys)
+        ours = to_open_clip_state_dict(trainer.engine.module.state_dict())
 
     oc_args = open_clip_train_args(cfg, world, rank, ds_config["gradient_clipping"])
     open_clip = open_clip_with_configs()
@@ -145,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="our run config override (repeatable); loss.name is openclip, train.output_dir a temp dir",
+        help="our run config override (repeatable); loss.name is openclip, data.augment false (both trainers get "
+        "the same images), train.output_dir a temp dir",
     )
     args = p.parse_args(argv)
 
@@ -157,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
     world, rank, _ = distributed_env()
     with tempfile.TemporaryDirectory(prefix="update_parity_") as run_dir:  # our trainer's logs; nothing is kept
-        cfg = load_config(None, ["loss.name=openclip", *args.set, f"train.output_dir={run_dir}"])
+        fixed = ["data.augment=false", "data.num_workers=0", f"train.output_dir={run_dir}"]
+        cfg = load_config(None, ["loss.name=openclip", *args.set, *fixed])
         init, ours, theirs = train_both(cfg, world, rank, args.steps)
     if rank == 0:
         report = {"steps": args.steps, "world_size": world, "config": cfg.values, **parity(ours, theirs, init)}

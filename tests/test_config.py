@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from fastclip_ds import digits
 from fastclip_ds.config import (
     KEY_HELP,
     ConfigError,
@@ -18,7 +20,9 @@ from fastclip_ds.config import (
     total_steps,
     validate,
 )
-from fastclip_ds.engine import build_ds_config, load_ds_config
+from fastclip_ds.data import SPLITS
+from fastclip_ds.engine import build_ds_config, load_ds_config, precision_dtype
+from fastclip_ds.optim import build_optimizer
 
 
 def write(tmp_path: Path, tree: object, name: str = "run.json") -> Path:
@@ -66,7 +70,7 @@ BAD_RUN_CONFIGS = [
     ({"train": {"global_batch_size": 64.5}}, "train.global_batch_size: expected int"),
     ({"train": {"epochs": True}}, "train.epochs: expected int, got True"),
     ({"train": {"max_steps": "10"}}, "train.max_steps: expected int"),
-    ({"data": {"split": "node"}}, "data.split: 'node' is not one of global, rank"),
+    ({"data": {"split": "node"}}, f"data.split: 'node' is not one of {', '.join(SPLITS)}"),  # choices from data
     ({"train": "fast"}, "train: expected an object"),
     ({"loss": {"lr_tau": "x"}}, "loss.lr_tau: expected int or float"),
 ]
@@ -143,10 +147,19 @@ def test_bad_ds_config_names_key_and_file(tmp_path: Path, tree: dict, message: s
     assert message in str(err.value)
 
 
-def test_shipped_ds_configs_are_valid() -> None:
-    for path in sorted(Path(__file__).parents[1].glob("ds_configs/*.json")):
-        user, source = load_ds_config(path, on_cuda=path.name.startswith("gpu"))
-        build_ds_config(user, source, global_batch=64, world_size=2, on_cuda=path.name.startswith("gpu"))
+def test_shipped_ds_configs_set_what_their_names_say() -> None:
+    """Every ``ds_configs/DEVICE_zeroN_PRECISION.json`` is accepted and sets that ZeRO stage and precision; catches a
+    file whose content drifted from its name (the README and launchers pick them by name)."""
+    paths = sorted(Path(__file__).parents[1].glob("ds_configs/*.json"))
+    assert len(paths) >= 6
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for path in paths:
+        device, zero, precision = path.stem.split("_")
+        user, source = load_ds_config(path, on_cuda=device == "gpu")
+        cfg = build_ds_config(user, source, global_batch=64, world_size=2, on_cuda=device == "gpu")
+        assert cfg["zero_optimization"]["stage"] == int(zero.removeprefix("zero")), path.name
+        assert precision_dtype(cfg) == dtypes[precision], path.name
+        assert cfg["train_micro_batch_size_per_gpu"] == 32, path.name
 
 
 RELIABILITY_KEYS = [
@@ -216,3 +229,84 @@ def test_every_key_is_explained_in_help() -> None:
     assert keys == set(KEY_HELP)
     text = describe(defaults)
     assert all(f"  {key} (" in text for key in keys)
+
+
+def test_eval_data_auto_evaluates_only_the_split_made_for_the_training_data(tmp_path: Path) -> None:
+    """``eval.data = auto`` is the digits test split only when training on the embedded digits shards; on the
+    user's own shards there is no evaluation unless asked for (a digits score there would be about another task)."""
+    demo = load_config()
+    validate(demo, 1)
+    assert demo["eval"]["data"] == str(digits.eval_root(digits.DEFAULT_ROOT))
+    own = load_config(None, [f"data.train={tmp_path}/{{000000..000003}}.tar"])
+    validate(own, 1)
+    assert own["eval"]["data"] is None
+    asked = load_config(None, [f"data.train={tmp_path}/{{000000..000003}}.tar", f"eval.data={tmp_path}"])
+    validate(asked, 1)
+    assert asked["eval"]["data"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"betas": [0.9, 1.5]}, "optimizer.betas"),
+        ({"eps": -1.0}, "optimizer.eps"),
+        ({"momentum": -0.5}, "optimizer.momentum"),
+        ({"name": "sgd", "nesterov": True, "momentum": 0}, "optimizer.nesterov"),
+    ],
+)
+def test_optimizer_section_checked_once(tmp_path: Path, section: dict, key: str) -> None:
+    """The run config reports exactly what the optimizer's own check says (one rule set, not two that drift)."""
+    with pytest.raises(ValueError) as direct:
+        build_optimizer(torch.nn.Linear(2, 2), section, lr=1e-3, lr_tau=None, train_logit_scale=False)
+    assert str(direct.value).startswith(f"{key}: ")
+    path = write(tmp_path, {"optimizer": section})
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(path), 1)
+    assert str(err.value) == f"{path}: {direct.value}"
+
+
+def _model_config_cases(tmp_path: Path) -> list[tuple[str, str]]:
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"embed_dim": 16}))
+    return [
+        (
+            "no-such-model",
+            "unknown model 'no-such-model': not an open_clip model name nor a path to a model-config .json",
+        ),
+        (str(tmp_path / "gone.json"), f"model config file not found: {tmp_path / 'gone.json'}"),
+        (str(partial), f"model config {partial}: missing key(s) vision_cfg, text_cfg (open_clip model-config schema)"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_bad_model_config_is_an_environment_error(tmp_path: Path, case: int) -> None:
+    spec, message = _model_config_cases(tmp_path)[case]
+    cfg = load_config(None, [f"model.config={spec}", f"train.output_dir={tmp_path / 'run'}"])
+    validate(cfg, 1)
+    with pytest.raises(ConfigError) as err:
+        check_environment(cfg)
+    assert str(err.value) == f"--set: model.config: {message}"
+
+
+def test_bad_model_config_exits_2_with_one_line_before_any_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: a config error is one line and exit code 2, before any process group (was: a traceback, exit 1)."""
+    from fastclip_ds.train import main
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", "1")
+    assert main(["--set", "model.config=no-such-model", "--set", f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["config error: --set: model.config: unknown model 'no-such-model': not an open_clip model name "
+                   "nor a path to a model-config .json"]  # fmt: skip
+    assert not torch.distributed.is_initialized()
+
+
+def test_key_help_has_one_source() -> None:
+    """Key help lives in ``KEY_HELP`` (shown by ``--help``); the README points there instead of keeping a copy."""
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    rows = [line for line, below in zip(lines, [*lines[1:], ""], strict=True) if not below.startswith("|---")]
+    copied = [key for key in KEY_HELP if any(row.startswith(f"| `{key}`") for row in rows)]
+    assert copied == [] and "`fastclip-ds train --help` lists every run-config key" in "\n".join(lines)
