@@ -24,7 +24,7 @@ every ``world_size``-th shard from ``r``, worker ``w`` every ``num_workers``-th 
 its own shuffled stream. Needs ``>= world_size * num_workers`` shards. Reads each byte once, but the
 batches depend on the world size and worker count (resume is exact only with both unchanged).
 
-Bad data is skipped and counted per reason (see :data:`REASONS`; a warning once per reason and process), from the
+Bad data is skipped and counted per reason (see :data:`REASONS`; a warning once per reason and loader), from the
 raw bytes, so all readers of a sample make the same grouping decision: a missing image, an image whose header PIL
 cannot identify, a missing/empty caption, a missing/non-integer ``json`` key (where keys are needed; a shard
 without any key stops the run), and a corrupt tar (a read error, or no end-of-archive block where it stops: cut or
@@ -42,6 +42,7 @@ Augmentation is reproducible: each row's transform runs under a torch seed deriv
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -50,6 +51,7 @@ import logging
 import os
 import random
 import tarfile
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -67,6 +69,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REASONS = ("no_image", "bad_image", "no_caption", "no_key", "key_out_of_range", "corrupt_tar", "image_substituted")
 SPLITS = ("streams", "global", "rank")
+PREFETCH = 4  # batches each DataLoader worker keeps ready
+SHUFFLE_BUFFER = 5000  # OpenCLIP's sample shuffle buffer
 NO_KEY = -1  # the key of a sample without one, for losses without per-sample state
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -81,12 +85,49 @@ def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     return num_samples // global_batch
 
 
+def default_workers() -> int:
+    """DataLoader workers per rank when none are given: this process's CPUs shared by the node's ranks
+    (``LOCAL_WORLD_SIZE``), one left to each rank, at least 1 and at most 8."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, len(os.sched_getaffinity(0)) // local_ranks - 1))
+
+
 def expand_urls(pattern: str) -> list[str]:
     """Shard URLs of a pattern: ``::``-joined parts, ``{a..b}`` braces, ``~`` and ``$WDS_*`` expansion."""
     urls = [os.path.expanduser(u) for u in wds.shardlists.expand_urls(pattern)]
     if not urls or not all(urls):
         raise ValueError(f"train data pattern {pattern!r} expands to no shards (or to an empty name)")
     return urls
+
+
+@dataclass(frozen=True)
+class Source:
+    """One ``::``-separated part of the train pattern: its shards, where its keys land in the per-sample state
+    (``key_offset + key`` for a key in ``[0, key_limit)``; no limit: any key, or none), its upsampling factor."""
+
+    urls: tuple[str, ...]
+    key_offset: int = 0
+    key_limit: int | None = None
+    weight: float = 1.0
+
+
+def parse_sources(
+    pattern: str, key_limit: int | None, sizes: list[int] | None = None, weights: list[float] | None = None
+) -> list[Source]:
+    """The pattern's sources. Without ``sizes`` all parts share one key space ``[0, key_limit)``; with them, part
+    ``j``'s keys ``[0, sizes[j])`` map to ``sum(sizes[:j]) + key`` (``key_limit`` is then their sum, or None)."""
+    parts = pattern.split("::")
+    for name, values in (("source sizes", sizes), ("upsampling factors", weights)):
+        if values is not None and len(values) != len(parts):
+            raise ValueError(f"{len(values)} {name} for {len(parts)} '::'-separated train sources")
+    weights = weights or [1.0] * len(parts)
+    if sizes is None:
+        return [Source(tuple(expand_urls(part)), 0, key_limit, w) for part, w in zip(parts, weights, strict=True)]
+    offsets = itertools.accumulate([0, *sizes[:-1]])
+    return [
+        Source(tuple(expand_urls(part)), offset, None if key_limit is None else size, w)
+        for part, offset, size, w in zip(parts, offsets, sizes, weights, strict=True)
+    ]
 
 
 def _is_local(url: str) -> bool:
@@ -131,14 +172,16 @@ def _validate(sample: dict[str, bytes], key_limit: int | None) -> _Raw | str:
     return _Raw(key, caption, sample[ext], size)
 
 
-def _shard_samples(url: str, key_limit: int | None) -> Iterator[_Raw | str]:
-    """The shard's validated samples and skip reasons. A shard where no sample has a key, read for a loss that needs
-    keys (``key_limit`` set), raises :class:`BadDataError` naming the shard."""
+def _shard_samples(url: str, source: Source) -> Iterator[_Raw | str]:
+    """The shard's validated samples (keys moved to the source's range) and skip reasons. A shard where no sample
+    has a key, read for a loss that needs keys (``key_limit`` set), raises :class:`BadDataError` naming the shard."""
     keyed, keyless = 0, 0
     for item in _read_tar(url):
-        out = _validate(item, key_limit) if isinstance(item, dict) else item
+        out = _validate(item, source.key_limit) if isinstance(item, dict) else item
         keyed += not isinstance(out, str)
         keyless += out == "no_key"
+        if isinstance(out, _Raw) and source.key_offset and out.key != NO_KEY:
+            out = dataclasses.replace(out, key=source.key_offset + out.key)
         yield out
     if keyless and not keyed:
         raise BadDataError(
@@ -221,7 +264,7 @@ class _Decoder:
 
     def __init__(
         self,
-        urls: list[str],
+        sources: list[Source],
         *,
         steps: int,
         start_step: int,
@@ -231,22 +274,22 @@ class _Decoder:
         tokenizer: Callable,
         counts: Tensor,
         valid: Tensor,
-        key_limit: int | None,
     ) -> None:
-        self.urls, self.steps, self.start_step, self.key_limit = urls, steps, start_step, key_limit
+        self.sources, self.steps, self.start_step = sources, steps, start_step
+        self.urls = [u for src in sources for u in src.urls]
+        self._source_of = {u: src for src in sources for u in src.urls}
         self.seed, self.epoch, self.image_transform, self.tokenizer = seed, epoch, image_transform, tokenizer
         self.counts = counts  # [workers, len(REASONS)], shared memory: worker w writes row w
         self.valid = valid  # [workers]: valid samples in the batches worker w yielded
-        self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return self.steps - self.start_step
 
+    def _shard(self, url: str) -> Iterator[_Raw | str]:
+        return _shard_samples(url, self._source_of[url])
+
     def _count(self, worker: int, reason: str, n: int = 1) -> None:
         self.counts[worker, REASONS.index(reason)] += n
-        if reason not in self._warned:
-            self._warned.add(reason)
-            log.warning("skipping bad train data (%s); further ones are only counted", reason)
 
     def _image(self, raw: _Raw, worker: int) -> Image.Image:
         try:
@@ -274,7 +317,7 @@ class _EpochStream(_Decoder, IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        sources: list[Source],
         *,
         global_batch: int,
         world_size: int,
@@ -284,7 +327,7 @@ class _EpochStream(_Decoder, IterableDataset):
         split: str,
         **common: Any,
     ) -> None:
-        super().__init__(urls, **common)
+        super().__init__(sources, **common)
         self.world_size, self.rank = world_size, rank
         self.workers, self.shuffle_buffer, self.split = workers, max(shuffle_buffer, 1), split
         self.local_batch = global_batch // world_size
@@ -305,7 +348,7 @@ class _EpochStream(_Decoder, IterableDataset):
         rank_part = self.rank if self.split == "rank" else "all"
         for pass_idx in itertools.count():
             shards = self._pass_shards(stream, pass_idx)
-            items = (s for url in shards for s in _shard_samples(url, self.key_limit))
+            items = (s for url in shards for s in self._shard(url))
             rng = random.Random(f"{self.seed}:{self.epoch}:{pass_idx}:{rank_part}:{stream}:buffer")
             valid = 0
             for item in _shuffled(items, self.shuffle_buffer, rng):
@@ -347,14 +390,34 @@ class _EpochStream(_Decoder, IterableDataset):
 class TrainLoader:
     """Iterable over one epoch's local batches ``(images [B,3,H,W], tokens [B,L], keys [B] int64)``."""
 
-    def __init__(self, dataset: _EpochStream, num_workers: int) -> None:
+    def __init__(self, dataset: _Decoder, num_workers: int) -> None:
         self.dataset, self.num_workers = dataset, num_workers
+        self._warned: set[str] = set()
+        self._wait_s, self._waits = 0.0, 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[Batch]:
-        yield from self._items()
+        """The batches, timing the wait for each (and warning of bad data as :meth:`stats` does)."""
+        batches = self._batches()
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self._wait_s, self._waits = self._wait_s + time.perf_counter() - start, self._waits + 1
+            self.stats()
+            if batch is None:
+                return
+            yield batch
+
+    def take_wait_ms(self) -> float:
+        """Mean milliseconds the caller waited for a batch since the last call (0 if it asked for none)."""
+        mean = 1000 * self._wait_s / self._waits if self._waits else 0.0
+        self._wait_s, self._waits = 0.0, 0
+        return mean
+
+    def _batches(self) -> Iterator[Batch]:
+        return self._items()
 
     def _items(self) -> Iterator[Any]:
         """The dataset's items, from DataLoader workers when there are any."""
@@ -362,7 +425,13 @@ class TrainLoader:
             yield from self.dataset
             return
         try:
-            yield from DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+            yield from DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=PREFETCH,
+                pin_memory=torch.cuda.is_available(),
+            )
         except BadDataError as err:  # re-raised from a worker with its traceback: keep the one-line reason
             last = str(err).strip().splitlines()[-1]
             raise BadDataError(last.partition(f"{BadDataError.__name__}: ")[2] or last) from None
@@ -372,8 +441,13 @@ class TrainLoader:
         return None
 
     def stats(self) -> dict[str, int]:
-        """Skipped/substituted sample counts per reason so far (summed over workers)."""
-        return dict(zip(REASONS, self.dataset.counts.sum(0).tolist(), strict=True))
+        """Skipped/substituted sample counts per reason so far (summed over workers); a reason seen for the first
+        time is logged as a warning (once per reason and loader, from this process)."""
+        counts = dict(zip(REASONS, self.dataset.counts.sum(0).tolist(), strict=True))
+        for reason in [r for r, n in counts.items() if n and r not in self._warned]:
+            self._warned.add(reason)
+            log.warning("skipping bad train data (%s); further ones are only counted", reason)
+        return counts
 
     def bad_fraction(self) -> float:
         """Bad (skipped or substituted) samples over all samples read so far (0 before any)."""
@@ -395,13 +469,16 @@ def train_loader(
     epoch: int,
     image_transform: Callable,
     tokenizer: Callable,
-    num_workers: int = 1,
-    shuffle_buffer: int = 1000,
+    num_workers: int | None = None,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
     split: str = "streams",
     streams: int = 8,
     start_step: int = 0,
     resume: dict[str, Any] | None = None,
     key_limit: int | None = None,
+    source_sizes: list[int] | None = None,
+    upsampling_factors: list[float] | None = None,
+    resampled: bool = False,
 ) -> TrainLoader:
     """This rank's batches for steps ``start_step .. steps_per_epoch(num_samples, global_batch) - 1`` of ``epoch``.
 
@@ -409,8 +486,10 @@ def train_loader(
     ``start_step`` skips earlier steps without decoding them (exact resume); in ``"streams"`` mode a ``resume`` state
     (:meth:`~fastclip_ds.streams.StreamLoader.state`) of the same epoch and step starts each stream where it
     stood instead of replaying it (any other state is ignored). With ``key_limit``, a sample whose key lies outside
-    ``[0, key_limit)`` is skipped (``key_out_of_range``). See the module docstring and :mod:`fastclip_ds.streams`
-    for the ``split`` modes, bad-data handling and costs.
+    ``[0, key_limit)`` is skipped (``key_out_of_range``); ``source_sizes`` gives each ``::``-separated source its
+    own key range (:func:`parse_sources`). ``resampled`` (streams mode) draws shards with replacement, each source as
+    often as its ``upsampling_factors`` entry times its shard count (OpenCLIP's meaning). See the module docstring
+    and :mod:`fastclip_ds.streams` for the ``split`` modes, bad-data handling and costs.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -423,9 +502,17 @@ def train_loader(
         raise ValueError(f"num_samples ({num_samples}) is smaller than one global batch ({global_batch})")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step ({start_step}) must be in [0, {steps}] (steps per epoch)")
+    num_workers = default_workers() if num_workers is None else num_workers
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    urls = expand_urls(pattern)
+    if (resampled or upsampling_factors is not None) and split != "streams":
+        raise ValueError(f"resampling and upsampling factors need split='streams', got {split!r}")
+    if upsampling_factors is not None and not resampled:
+        raise ValueError("upsampling factors need resampled=True (as in OpenCLIP)")
+    sources = parse_sources(pattern, key_limit, source_sizes, upsampling_factors)
+    urls = [u for src in sources for u in src.urls]
+    if len(set(urls)) < len(urls):
+        raise ValueError(f"a shard appears twice in the train pattern {pattern!r}")
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} train shard(s) not found, e.g. {missing[0]}")
@@ -433,7 +520,7 @@ def train_loader(
     valid = torch.zeros(max(num_workers, 1), dtype=torch.int64).share_memory_()
     if split == "streams":
         return _stream_loader(
-            urls,
+            sources,
             steps=steps,
             global_batch=global_batch,
             streams=streams,
@@ -447,9 +534,9 @@ def train_loader(
             block=shuffle_buffer,
             start_step=start_step,
             resume=resume,
+            resampled=resampled,
             counts=counts,
             valid=valid,
-            key_limit=key_limit,
         )
     workers = max(num_workers, 1)
     if split == "rank" and len(urls) < world_size * workers:
@@ -458,7 +545,7 @@ def train_loader(
             "use split='global' or fewer workers"
         )
     dataset = _EpochStream(
-        urls,
+        sources,
         steps=steps,
         global_batch=global_batch,
         world_size=world_size,
@@ -473,22 +560,22 @@ def train_loader(
         start_step=start_step,
         counts=counts,
         valid=valid,
-        key_limit=key_limit,
     )
     return TrainLoader(dataset, num_workers)
 
 
-def _stream_loader(urls: list[str], *, streams: int, world_size: int, num_workers: int, **kw: Any) -> TrainLoader:
+def _stream_loader(sources: list[Source], *, streams: int, world_size: int, num_workers: int, **kw: Any) -> TrainLoader:
     from .streams import StreamLoader, _StreamEpoch, stream_layout
 
-    used, workers = stream_layout(streams, len(urls), world_size, num_workers, kw["global_batch"])
+    shards = sum(len(src.urls) for src in sources)
+    used, workers = stream_layout(streams, shards, world_size, num_workers, kw["global_batch"])
     resume = kw.pop("resume")
     same_step = resume is not None and (resume["epoch"], resume["step"]) == (kw["epoch"], kw["start_step"])
     positions = resume["streams"] if same_step else None
     if positions is not None and len(positions) != used:
         raise ValueError(f"saved data position has {len(positions)} streams, this run reads {used}")
     dataset = _StreamEpoch(
-        urls,
+        sources,
         streams=used,
         world_size=world_size,
         workers=workers,

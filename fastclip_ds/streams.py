@@ -25,6 +25,7 @@ skipped to reach a resume position count only within the shard re-read.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .data import BadDataError, Batch, TrainLoader, _Decoder, _Raw, _shard_samples
+from .data import BadDataError, Batch, Source, TrainLoader, _Decoder, _Raw
 
 Position = tuple[int, int, int]  # (pass, shard index within the stream's pass, valid samples of it handed out)
 
@@ -54,6 +55,18 @@ def stream_layout(streams: int, shards: int, world_size: int, num_workers: int, 
     per_rank = used // world_size
     workers = max(d for d in range(1, min(per_rank, max(num_workers, 1)) + 1) if per_rank % d == 0)
     return used, workers
+
+
+def _round_robin(weights: list[float]) -> Iterator[int]:
+    """Smooth weighted round robin: index ``j`` comes up ``weights[j] / sum(weights)`` of the time, evenly spread
+    (every prefix within one of its exact share when there are two)."""
+    credit = [0.0] * len(weights)
+    total = sum(weights)
+    while True:
+        credit = [c + w for c, w in zip(credit, weights, strict=True)]
+        j = max(range(len(weights)), key=credit.__getitem__)
+        credit[j] -= total
+        yield j
 
 
 def _blocks(items: Iterable[_Raw | str], size: int) -> Iterator[tuple[list[_Raw], list[str], bool]]:
@@ -77,7 +90,7 @@ class _StreamEpoch(_Decoder, IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        sources: list[Source],
         *,
         global_batch: int,
         streams: int,
@@ -86,10 +99,12 @@ class _StreamEpoch(_Decoder, IterableDataset):
         workers: int,
         block: int,
         positions: list[Position] | None,
+        resampled: bool,
         **common: Any,
     ) -> None:
-        super().__init__(urls, **common)
+        super().__init__(sources, **common)
         self.streams, self.workers, self.block, self.positions = streams, workers, max(block, 1), positions
+        self.resampled = resampled
         self.per_stream = global_batch // streams  # rows of the global batch from each stream
         self.per_worker = streams // world_size // workers
         self.first_stream = rank * (streams // world_size)
@@ -98,10 +113,21 @@ class _StreamEpoch(_Decoder, IterableDataset):
         first = self.first_stream + worker * self.per_worker
         return range(first, first + self.per_worker)
 
-    def _pass_shards(self, stream: int, pass_idx: int) -> list[str]:
+    def _pass_shards(self, stream: int, pass_idx: int, source: int) -> list[str]:
+        """The shards of a pass: a share of the shuffled shards, or (resampled) one shard of ``source``."""
+        if self.resampled:
+            return [
+                random.Random(f"{self.seed}:{self.epoch}:{pass_idx}:{stream}:draw").choice(self.sources[source].urls)
+            ]
         urls = list(self.urls)
         random.Random(f"{self.seed}:{self.epoch}:{pass_idx}:shards").shuffle(urls)
         return urls[stream :: self.streams]
+
+    def _source_order(self, stream: int, first_pass: int) -> Iterator[int]:
+        """The source of each pass from ``first_pass``; resampled: a smooth weighted round robin over sources weighted
+        by upsampling factor x shard count, each stream at its own phase (so a batch mixes sources)."""
+        weights = [src.weight * len(src.urls) for src in self.sources]
+        return itertools.islice(_round_robin(weights), stream + first_pass, None)
 
     def _stream(self, stream: int) -> Iterator[tuple[_Raw, Position] | str]:
         """From this loader's start: the stream's valid samples, each with the position after it, and skip reasons."""
@@ -110,10 +136,11 @@ class _StreamEpoch(_Decoder, IterableDataset):
         else:
             (pass_idx, first, skip), skip_more = self.positions[stream], 0
         skip += skip_more
+        order, misses = self._source_order(stream, pass_idx), 0
         while True:
-            shards, found = self._pass_shards(stream, pass_idx), first > 0
+            shards, found = self._pass_shards(stream, pass_idx, next(order)), first > 0
             for idx in range(first, len(shards)):
-                items = _shard_samples(shards[idx], self.key_limit)
+                items = self._shard(shards[idx])
                 done = 0  # valid samples of this shard handed out or skipped
                 for n, (block, bad, last) in enumerate(_blocks(items, self.block)):
                     found = found or bool(block)
@@ -130,9 +157,10 @@ class _StreamEpoch(_Decoder, IterableDataset):
                             yield raw, (pass_idx, idx + 1, 0)
                         else:
                             yield raw, (pass_idx, idx, done)
-            if not found:
+            misses = 0 if found else misses + 1
+            if misses >= (len(self.urls) if self.resampled else 1):  # resampled: that many draws in a row
                 raise BadDataError(
-                    f"no valid sample in data stream {stream}'s {len(shards)} shard(s) of pass {pass_idx}, "
+                    f"no valid sample in {misses * len(shards)} shard(s) of data stream {stream}, "
                     f"e.g. {shards[0]}: see skip warnings"
                 )
             pass_idx, first = pass_idx + 1, 0
@@ -168,7 +196,7 @@ class StreamLoader(TrainLoader):
         self.next_step = dataset.start_step
         self._positions = torch.full((dataset.streams, 3), -1, dtype=torch.int64)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _batches(self) -> Iterator[Batch]:
         items = self._items()
         workers = self.dataset.workers
         for parts in zip(*[items] * workers, strict=False):  # worker w's item for step t is the (t K + w)-th

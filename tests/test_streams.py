@@ -14,20 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip_ds.config import ConfigError, load_config, validate
+from fastclip_ds.config import ConfigError, dataset_size, load_config, validate
 from fastclip_ds.data import TrainLoader, expand_urls, train_loader
 from fastclip_ds.data_bench import shard_bytes_read
 from fastclip_ds.digits import train_pattern
 from fastclip_ds.streams import stream_layout
 
-from .test_data import _required, noisy
+from .test_data import _required, noisy, untokenize
 
 REPO = Path(__file__).parents[1]
 SHARDS, PER_SHARD = 16, 50  # 8 streams x 2 shards: every sample once per epoch
 
 
-def write_shards(root: Path, shards: int = SHARDS, per_shard: int = PER_SHARD) -> str:
-    """Shards of 16x16 noise PNGs with captions and integer keys ``0 .. shards * per_shard - 1``."""
+def write_shards(root: Path, shards: int = SHARDS, per_shard: int = PER_SHARD, name: str = "sample") -> str:
+    """Shards of 16x16 noise PNGs with captions ``"{name} {key}"`` and integer keys ``0 .. shards * per_shard - 1``."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
@@ -36,7 +36,7 @@ def write_shards(root: Path, shards: int = SHARDS, per_shard: int = PER_SHARD) -
                 key = s * per_shard + i
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
-                for ext, payload in (("png", buf.getvalue()), ("txt", f"sample {key}".encode())):
+                for ext, payload in (("png", buf.getvalue()), ("txt", f"{name} {key}".encode())):
                     info = tarfile.TarInfo(f"{key:06d}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -180,3 +180,39 @@ def test_world_size_outside_the_family_is_a_config_error(digits_root: Path) -> N
     validate(cfg, 2)
     with pytest.raises(ConfigError, match=r"data\.streams: world size 3 does not divide the 8 data streams"):
         validate(cfg, 3)
+
+
+def test_source_config_derives_the_dataset_size_and_checks_factors(digits_root: Path) -> None:
+    two = f"data.train={train_pattern(digits_root)}::{train_pattern(digits_root)}"
+    cfg = load_config(overrides=[two, "data.source_sizes=[1400, 600]", "data.resampled=true"])
+    validate(cfg, 1)
+    assert dataset_size(cfg) == 2000
+    for extra, match in (
+        (["data.upsampling_factors=[3, 1]", "data.resampled=false"], "needs data.resampled=true"),
+        (["data.upsampling_factors=[3]"], "needs 2 positive number"),
+        (["data.dataset_size=100"], "100 is not the sum of data.source_sizes"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            validate(load_config(overrides=[two, "data.source_sizes=[1400, 600]", "data.resampled=true", *extra]), 1)
+
+
+def test_two_sources_weighted_3_to_1_mix_3_to_1_with_disjoint_keys(tmp_path: Path) -> None:
+    # Catches: a factor ignored or applied per source instead of per shard (b has twice a's shards), a stream
+    # phase that makes whole batches single-source, and two sources' key 0 sharing one slot of per-sample state.
+    a = write_shards(tmp_path / "a", shards=4, per_shard=25, name="a")  # keys 0..99 on disk
+    b = write_shards(tmp_path / "b", shards=8, per_shard=25, name="b")  # keys 0..199 on disk
+    kw = {"resampled": True, "upsampling_factors": [6.0, 1.0], "source_sizes": [100, 200], "key_limit": 300}
+    steps = list(loader(f"{a}::{b}", num_samples=3200, **kw))  # 8 streams x 16 draws of one 25-sample shard
+    rows = [(c.split(), k) for _, tokens, keys in steps for c, k in zip(untokenize(tokens), keys.tolist(), strict=True)]
+    from_a = sum(name == "a" for (name, _), _ in rows)
+    assert abs(from_a / (len(rows) - from_a) - 3) <= 0.06  # 6 x 4 shards : 1 x 8 shards
+    assert all(k == int(n) + (0 if name == "a" else 100) for (name, n), k in rows)  # a: [0, 100), b: [100, 300)
+    assert all(2 <= sum(c.startswith("a") for c in untokenize(t)) <= 30 for _, t, _ in steps)  # batches mix
+    assert len({k for _, k in rows if k < 100}) > 50  # shards are drawn, not only the first
+
+
+def test_sources_need_matching_sizes_and_resampling_for_factors(shards: str) -> None:
+    with pytest.raises(ValueError, match="1 source sizes for 2 '::'-separated train sources"):
+        loader(f"{shards}::{shards}", source_sizes=[10])
+    with pytest.raises(ValueError, match="upsampling factors need resampled=True"):
+        loader(shards, upsampling_factors=[2.0])
