@@ -177,9 +177,10 @@ def test_trained_checkpoint_scores_equal_open_clip_direct(trained, digits_root, 
     want = zeroshot_reference(model, tokenizer, preprocess, root)
     assert all(hi - lo < 0.01 for lo, hi in want.values()), want  # few near-ties: the bounds pin the metrics
     assert within(ours, want), (ours, want)
-    assert within(during_training, want), (during_training, want)  # the trainer's own eval at the end of training
+    # the trainer's own eval at the end of training (eval.json may also name the split)
+    assert within({key: during_training[key] for key in want}, want), (during_training, want)
     assert want["n"] == (397, 397)
-    # trained (top-1 0.47 measured): well above chance 0.1, and on every class alike, not on one class
+    # trained (top-1 0.47 measured): well above chance 0.1, and on most classes (mean per-class recall), not one
     assert want["top1"][0] > 0.3 and want["mean_per_class_recall"][0] > 0.3
 
     ret = write_retrieval_split(root, tmp_path / "ret")
