@@ -77,6 +77,8 @@ def slurm_env(tmp_path: Path, nodes: int, gpus: int, nodelist: str, **extra: str
 
 
 def test_slurm_sbatch_command(tmp_path: Path) -> None:
+    """Catches a flag torchrun does not know, a lost ``--resume auto`` or SIGUSR1 forwarding, a wrong rendezvous
+    endpoint, and ``#SBATCH`` lines that sbatch would not read (after the first command)."""
     env = slurm_env(tmp_path, nodes=2, gpus=4, nodelist="node-a,node-b")
     assert run(["bash", "launchers/slurm.sbatch", "--config", "run.json"], **env).returncode == 0
     srun = recorded(tmp_path, "srun")
@@ -97,6 +99,7 @@ def test_slurm_sbatch_command(tmp_path: Path) -> None:
 
 
 def test_hostfile_launcher_pdsh_command(tmp_path: Path) -> None:
+    """Catches hosts, master address or port, ``--module`` or train arguments lost on the way to every node."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=2\nworker-2 slots=2\n")
     (tmp_path / "ds_env").write_text("OMP_NUM_THREADS=1\n")
@@ -179,6 +182,8 @@ def stopped_at(proc: subprocess.CompletedProcess[str], out: Path) -> int:
 
 @pytest.mark.slow  # two short 2-rank jobs
 def test_slurm_job_stopped_by_sigusr1_resumes_with_resume_auto(digits_root: Path, tmp_path: Path) -> None:
+    """Catches a stop that only the signalled rank takes (a hang or a lost rank), torchrun dying on SIGUSR1 instead
+    of forwarding it, a save left incomplete, and a requeued job that starts over instead of resuming."""
     out = tmp_path / "run"
     args = small_run(digits_root, out, "--set", "eval.data=null", "--set", "train.max_steps=8", *ds("cpu_zero2_fp32"))
     cmd = ["bash", "launchers/slurm.sbatch", *args]
@@ -204,6 +209,7 @@ def test_slurm_job_stopped_by_sigusr1_resumes_with_resume_auto(digits_root: Path
 
 @pytest.mark.slow  # one short 2-rank run
 def test_hostfile_no_ssh_mode_trains_two_ranks_with_zero1(digits_root: Path, tmp_path: Path) -> None:
+    """Catches a no-ssh launch that does not give 2 ranks, and a ZeRO-1 config that does not partition the optimizer."""
     hostfile, out = tmp_path / "hostfile", tmp_path / "run"
     hostfile.write_text("localhost slots=2\n")
     args = small_run(digits_root, out, "--set", "eval.data=null", *ds("cpu_zero1_fp32"))

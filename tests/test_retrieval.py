@@ -88,6 +88,8 @@ PICTURES = [*range(12), 0, 1]
 
 
 def test_retrieval_eval_matches_per_sample_reference(tmp_path):
+    # catches captions paired with the wrong image across batches and shards, wrong ranks or normalisation, and
+    # repeated captions or images that do not tie
     root = write_retrieval(tmp_path / "ret", CAPTIONS, PICTURES)
     bundle = create_model("fastclip-micro", seed=3)
     bundle.model.eval()
