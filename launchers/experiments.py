@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from fastclip_ds.config import ConfigError, load_config, validate
 from fastclip_ds.losses import CHOICES
 from fastclip_ds.multiproc import free_port
 
@@ -209,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as err:
         parser.error(str(err))
-    from fastclip_ds.config import ConfigError, load_config, validate
-
     shared = [f"train.global_batch_size={args.global_batch}", *args.set]
     if args.epochs is not None:
         shared.append(f"train.epochs={args.epochs}")

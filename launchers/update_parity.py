@@ -28,7 +28,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
+
+from fastclip_ds.config import load_config, validate
+from fastclip_ds.ds_compat import patch_deepspeed
+from fastclip_ds.engine import build_ds_config, default_ds_config
+from fastclip_ds.model import open_clip_with_configs, to_open_clip_state_dict
+from fastclip_ds.train import Trainer, distributed_env
 
 
 def open_clip_train_args(cfg: Any, world: int, rank: int, clip: float) -> argparse.Namespace:
@@ -86,16 +93,9 @@ def parity(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], init:
 
 def train_both(cfg: Any, world: int, rank: int, steps: int) -> tuple[dict, dict, dict]:
     """``(initial, ours, theirs)`` weights (open_clip layout) after ``steps`` steps of each trainer."""
-    import deepspeed
-    from open_clip_train.data import DataInfo
+    from open_clip_train.data import DataInfo  # open_clip_train only after prepare() (see main)
     from open_clip_train.scheduler import cosine_lr
     from open_clip_train.train import train_one_epoch
-
-    from fastclip_ds.config import validate
-    from fastclip_ds.ds_compat import patch_deepspeed
-    from fastclip_ds.engine import build_ds_config, default_ds_config
-    from fastclip_ds.model import open_clip_with_configs, to_open_clip_state_dict
-    from fastclip_ds.train import Trainer
 
     validate(cfg, world)
     train = cfg["train"]
@@ -142,9 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     from run_open_clip_train import prepare  # launchers/ is on sys.path when this file runs as a script
 
     prepare()
-    from fastclip_ds.config import load_config
-    from fastclip_ds.train import distributed_env
-
     world, rank, _ = distributed_env()
     with tempfile.TemporaryDirectory(prefix="update_parity_") as run_dir:  # our trainer's logs; nothing is kept
         fixed = ["data.augment=false", "data.num_workers=0", f"train.output_dir={run_dir}"]
