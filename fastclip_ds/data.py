@@ -42,6 +42,7 @@ Augmentation is reproducible: each row's transform runs under a torch seed deriv
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import io
@@ -71,6 +72,7 @@ REASONS = ("no_image", "bad_image", "no_caption", "no_key", "key_out_of_range", 
 SPLITS = ("streams", "global", "rank")
 PREFETCH = 4  # batches each DataLoader worker keeps ready
 SHUFFLE_BUFFER = 5000  # OpenCLIP's sample shuffle buffer
+CSV_CHUNK = 1000  # CSV rows that stand for one shard
 NO_KEY = -1  # the key of a sample without one, for losses without per-sample state
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -109,10 +111,55 @@ class Source:
     key_offset: int = 0
     key_limit: int | None = None
     weight: float = 1.0
+    csv: CsvLayout | None = None  # a CSV source: its urls are ``file.csv#first-end`` row ranges
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """OpenCLIP's CSV input (``--csv-img-key``, ``--csv-caption-key``, ``--csv-separator``): one row per sample,
+    an image path (as given: relative paths from the working directory) and a caption; the key is the row number."""
+
+    img_key: str = "filepath"
+    caption_key: str = "title"
+    separator: str = "\t"
+
+
+def _csv_rows(path: str, layout: CsvLayout) -> Iterator[dict[str, str]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter=layout.separator)
+        missing = {layout.img_key, layout.caption_key} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: no column {sorted(missing)[0]!r} (columns: {reader.fieldnames})")
+        yield from reader
+
+
+def _csv_chunks(path: str, layout: CsvLayout) -> tuple[str, ...]:
+    """The row ranges (``CSV_CHUNK`` rows each) that stand for shards."""
+    rows = sum(1 for _ in _csv_rows(path, layout))
+    return tuple(f"{path}#{a}-{min(a + CSV_CHUNK, rows)}" for a in range(0, rows, CSV_CHUNK))
+
+
+def _read_csv(url: str, layout: CsvLayout) -> Iterator[dict[str, bytes]]:
+    """The rows of a ``file.csv#first-end`` range as tar-like member groups (image under ``jpg``: PIL reads the
+    format from the bytes); a missing image file makes a sample without image (skipped as ``no_image``)."""
+    path, _, span = url.rpartition("#")
+    first, end = map(int, span.split("-"))
+    for key, row in enumerate(itertools.islice(_csv_rows(path, layout), first, end), start=first):
+        sample = {"txt": row[layout.caption_key].encode(), "json": json.dumps({"key": key}).encode()}
+        try:
+            with open(row[layout.img_key], "rb") as f:
+                sample["jpg"] = f.read()
+        except OSError:
+            pass
+        yield sample
 
 
 def parse_sources(
-    pattern: str, key_limit: int | None, sizes: list[int] | None = None, weights: list[float] | None = None
+    pattern: str,
+    key_limit: int | None,
+    sizes: list[int] | None = None,
+    weights: list[float] | None = None,
+    csv_layout: CsvLayout | None = None,
 ) -> list[Source]:
     """The pattern's sources. Without ``sizes`` all parts share one key space ``[0, key_limit)``; with them, part
     ``j``'s keys ``[0, sizes[j])`` map to ``sum(sizes[:j]) + key`` (``key_limit`` is then their sum, or None)."""
@@ -121,12 +168,17 @@ def parse_sources(
         if values is not None and len(values) != len(parts):
             raise ValueError(f"{len(values)} {name} for {len(parts)} '::'-separated train sources")
     weights = weights or [1.0] * len(parts)
+    layout = csv_layout or CsvLayout()
+    shards = [
+        (_csv_chunks(part, layout), layout) if part.endswith((".csv", ".tsv")) else (tuple(expand_urls(part)), None)
+        for part in parts
+    ]
     if sizes is None:
-        return [Source(tuple(expand_urls(part)), 0, key_limit, w) for part, w in zip(parts, weights, strict=True)]
+        return [Source(urls, 0, key_limit, w, c) for (urls, c), w in zip(shards, weights, strict=True)]
     offsets = itertools.accumulate([0, *sizes[:-1]])
     return [
-        Source(tuple(expand_urls(part)), offset, None if key_limit is None else size, w)
-        for part, offset, size, w in zip(parts, offsets, sizes, weights, strict=True)
+        Source(urls, offset, None if key_limit is None else size, w, c)
+        for (urls, c), offset, size, w in zip(shards, offsets, sizes, weights, strict=True)
     ]
 
 
@@ -176,7 +228,7 @@ def _shard_samples(url: str, source: Source) -> Iterator[_Raw | str]:
     """The shard's validated samples (keys moved to the source's range) and skip reasons. A shard where no sample
     has a key, read for a loss that needs keys (``key_limit`` set), raises :class:`BadDataError` naming the shard."""
     keyed, keyless = 0, 0
-    for item in _read_tar(url):
+    for item in _read_csv(url, source.csv) if source.csv else _read_tar(url):
         out = _validate(item, source.key_limit) if isinstance(item, dict) else item
         keyed += not isinstance(out, str)
         keyless += out == "no_key"
@@ -368,6 +420,8 @@ class _EpochStream(_Decoder, IterableDataset):
             if len(group) == self.group:
                 yield step, group, bad
                 step, group, bad = step + stride, [], Counter()
+                if step >= self.steps:  # read no further than the epoch needs
+                    return
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -479,6 +533,7 @@ def train_loader(
     source_sizes: list[int] | None = None,
     upsampling_factors: list[float] | None = None,
     resampled: bool = False,
+    csv_layout: CsvLayout | None = None,
 ) -> TrainLoader:
     """This rank's batches for steps ``start_step .. steps_per_epoch(num_samples, global_batch) - 1`` of ``epoch``.
 
@@ -488,7 +543,8 @@ def train_loader(
     stood instead of replaying it (any other state is ignored). With ``key_limit``, a sample whose key lies outside
     ``[0, key_limit)`` is skipped (``key_out_of_range``); ``source_sizes`` gives each ``::``-separated source its
     own key range (:func:`parse_sources`). ``resampled`` (streams mode) draws shards with replacement, each source as
-    often as its ``upsampling_factors`` entry times its shard count (OpenCLIP's meaning). See the module docstring
+    often as its ``upsampling_factors`` entry times its shard count (OpenCLIP's meaning). A source ending in
+    ``.csv``/``.tsv`` is read as ``csv_layout`` says (:class:`CsvLayout`). See the module docstring
     and :mod:`fastclip_ds.streams` for the ``split`` modes, bad-data handling and costs.
     """
     if split not in SPLITS:
@@ -509,11 +565,11 @@ def train_loader(
         raise ValueError(f"resampling and upsampling factors need split='streams', got {split!r}")
     if upsampling_factors is not None and not resampled:
         raise ValueError("upsampling factors need resampled=True (as in OpenCLIP)")
-    sources = parse_sources(pattern, key_limit, source_sizes, upsampling_factors)
+    sources = parse_sources(pattern, key_limit, source_sizes, upsampling_factors, csv_layout)
     urls = [u for src in sources for u in src.urls]
     if len(set(urls)) < len(urls):
         raise ValueError(f"a shard appears twice in the train pattern {pattern!r}")
-    missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
+    missing = [u for src in sources if not src.csv for u in src.urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} train shard(s) not found, e.g. {missing[0]}")
     counts = torch.zeros(max(num_workers, 1), len(REASONS), dtype=torch.int64).share_memory_()

@@ -32,3 +32,177 @@ def shard_bytes_read(cmd: list[str], shard_dir: str | os.PathLike, cwd: str | os
                 if m and m["path"].startswith(root):
                     total += int(m["n"])
     return total
+
+
+def write_jpeg_shards(out: Path, samples: int, per_shard: int, seed: int = 0) -> str:
+    """``samples`` photo-like JPEGs of 224..256 px (smooth colour fields with grain, quality 90) with captions and
+    integer keys, ``per_shard`` to a tar; returns the brace pattern."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    words = [
+        "a",
+        "photo",
+        "of",
+        "the",
+        "red",
+        "blue",
+        "small",
+        "large",
+        "dog",
+        "cat",
+        "tree",
+        "house",
+        "car",
+        "street",
+        "sky",
+        "on",
+        "in",
+        "with",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    shards = -(-samples // per_shard)
+    for shard in range(shards):
+        with tarfile.open(out / f"{shard:05d}.tar", "w") as tar:
+            for key in range(shard * per_shard, min(samples, (shard + 1) * per_shard)):
+                w, h = rng.integers(224, 257, size=2)
+                field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+                pixels = np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3))
+                buf = io.BytesIO()
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+                caption = " ".join(rng.choice(words, size=rng.integers(5, 12)))
+                for ext, payload in (
+                    ("jpg", buf.getvalue()),
+                    ("txt", caption.encode()),
+                    ("json", json.dumps({"key": key}).encode()),
+                ):
+                    info = tarfile.TarInfo(f"{key:08d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return f"{out}/{{00000..{shards - 1:05d}}}.tar"
+
+
+def _ours(pattern: str, samples: int, batch: int, workers: int, transform, tokenizer) -> int:
+    from .data import train_loader
+
+    kw = {"world_size": 1, "rank": 0, "seed": 0, "epoch": 0, "num_workers": workers}
+    loader = train_loader(
+        pattern, num_samples=samples, global_batch=batch, image_transform=transform, tokenizer=tokenizer, **kw
+    )
+    return sum(len(keys) for _, _, keys in loader)
+
+
+def _open_clip(pattern: str, samples: int, batch: int, workers: int, transform, tokenizer) -> int:
+    import argparse
+
+    from launchers.run_open_clip_train import prepare
+
+    prepare()
+    from open_clip_train.data import get_wds_dataset
+
+    args = argparse.Namespace(
+        train_data=pattern, train_num_samples=samples, batch_size=batch, workers=workers, world_size=1, seed=0,
+        dataset_resampled=False, train_data_upsampling_factors=None, val_data=None, val_num_samples=None,
+    )  # fmt: skip
+    info = get_wds_dataset(args, transform, is_train=True, epoch=0, tokenizer=tokenizer)
+    return sum(len(images) for images, _ in info.dataloader)
+
+
+def _throughput(pattern: str, samples: int, batch: int, workers: int, which: str) -> float:
+    """Samples/s of one epoch of ``which`` loader ("ours" | "open_clip"), from creating it to its last batch, with
+    open_clip's ViT-B-32 train transform (224 px) and tokenizer."""
+    import time
+
+    from .compat import import_open_clip
+
+    open_clip = import_open_clip()
+    transform, tokenizer = open_clip.image_transform(224, is_train=True), open_clip.get_tokenizer("ViT-B-32")
+    start = time.perf_counter()
+    n = (_ours if which == "ours" else _open_clip)(pattern, samples, batch, workers, transform, tokenizer)
+    return n / (time.perf_counter() - start)
+
+
+def read_epoch(pattern: str, samples: int, batch: int, world: int, workers: int, split: str) -> None:
+    """Every rank's loader (in this process, one after the other) through one epoch; the bytes-read probe."""
+    import torch
+
+    from .data import train_loader
+
+    for rank in range(world):
+        kw = {"world_size": world, "rank": rank, "seed": 0, "epoch": 0, "num_workers": workers, "split": split}
+        loader = train_loader(
+            pattern, num_samples=samples, global_batch=batch, image_transform=lambda img: torch.zeros(1),
+            tokenizer=lambda texts: torch.zeros(len(texts), 1, dtype=torch.long), **kw,
+        )  # fmt: skip
+        for _ in loader:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import csv
+    import json
+    import platform
+    import sys
+
+    parser = argparse.ArgumentParser(prog="fastclip-ds bench-data", description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the shards, CSV and markdown table")
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--per-shard", type=int, default=1_250, help="1,250: the 8 shards divide over 8 streams")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    args = parser.parse_args(argv)
+    shard_dir = args.out / "shards"
+    pattern = write_jpeg_shards(shard_dir, args.samples, args.per_shard)
+    total = sum(p.stat().st_size for p in shard_dir.glob("*.tar"))
+    rows = []
+    for workers in args.workers:
+        rates = {
+            which: _throughput(pattern, args.samples, args.batch, workers, which) for which in ("ours", "open_clip")
+        }
+        rows.append({"measure": "samples_per_s", "workers": workers, "world_size": 1, **rates,
+                     "ratio": rates["ours"] / rates["open_clip"]})  # fmt: skip
+    for world in args.worlds:
+        for split in ("streams", *(["global"] if world == 2 else [])):
+            code = (
+                "import json, sys; from fastclip_ds.data_bench import read_epoch; read_epoch(**json.loads(sys.argv[1]))"
+            )
+            probe = {"pattern": pattern, "samples": args.samples, "batch": args.batch, "world": world, "workers": 2,
+                     "split": split}  # fmt: skip
+            read = shard_bytes_read([sys.executable, "-c", code, json.dumps(probe)], shard_dir)
+            rows.append(
+                {"measure": f"io_amplification_{split}", "workers": 2, "world_size": world, "ours": read / total}
+            )
+    fields = ["measure", "workers", "world_size", "ours", "open_clip", "ratio"]
+    with open(args.out / "bench_data.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    machine = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPUs"
+    lines = [
+        f"{args.samples} JPEGs of 224-256 px ({total / args.samples / 1024:.0f} KiB each), {args.per_shard} per shard, "
+        f"batch {args.batch}; {machine}",
+        "",
+        "| measure | workers | world size | ours | open_clip | ours / open_clip |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ours, oc, ratio = (
+            (f"{r['ours']:.0f}", f"{r['open_clip']:.0f}", f"{r['ratio']:.2f}")
+            if "ratio" in r
+            else (f"{r['ours']:.3f}", "", "")
+        )
+        lines.append(f"| {r['measure']} | {r['workers']} | {r['world_size']} | {ours} | {oc} | {ratio} |")
+    (args.out / "bench_data.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -195,6 +195,9 @@ class StreamLoader(TrainLoader):
         super().__init__(dataset, num_workers)
         self.next_step = dataset.start_step
         self._positions = torch.full((dataset.streams, 3), -1, dtype=torch.int64)
+        if dataset.positions is not None:  # known before the first batch (a resume from a saved state)
+            own = range(dataset.worker_streams(0).start, dataset.worker_streams(dataset.workers - 1).stop)
+            self._positions[own] = torch.tensor([dataset.positions[s] for s in own], dtype=torch.int64)
 
     def _batches(self) -> Iterator[Batch]:
         items = self._items()
@@ -206,10 +209,12 @@ class StreamLoader(TrainLoader):
             self.next_step += 1
             yield images, tokens, keys
 
-    def state(self, max_over_ranks: Callable[[list[int]], list[int]]) -> dict[str, Any]:
+    def state(self, max_over_ranks: Callable[[list[int]], list[int]]) -> dict[str, Any] | None:
         """``{"epoch", "step", "streams"}``: every stream's ``(pass, shard, offset)`` before step ``step`` of the
         epoch, for ``train_loader(resume=...)``. Collective: ``max_over_ranks`` is an element-wise max over all
         ranks (each rank fills its own streams, -1 elsewhere)."""
         flat = max_over_ranks(self._positions.flatten().tolist())
+        if min(flat) < 0:  # a replaying loader before its first batch: its resume replays too
+            return None
         streams = [flat[i : i + 3] for i in range(0, len(flat), 3)]
         return {"epoch": self.dataset.epoch, "step": self.next_step, "streams": streams}

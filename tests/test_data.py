@@ -14,7 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip_ds.data import NO_KEY, REASONS, BadDataError, _read_tar, expand_urls, steps_per_epoch, train_loader
+from fastclip_ds import data as data_module
+from fastclip_ds.data import (
+    NO_KEY,
+    REASONS,
+    BadDataError,
+    CsvLayout,
+    _read_tar,
+    expand_urls,
+    steps_per_epoch,
+    train_loader,
+)
 from fastclip_ds.digits import NUM_TRAIN, train_pattern
 
 TOKEN_LEN = 64
@@ -261,6 +271,29 @@ def test_keys_are_needed_only_by_losses_with_per_sample_state(tmp_path: Path) ->
     assert all(k == NO_KEY for _, _, keys in batches for k in keys.tolist())
     with pytest.raises(BadDataError, match=rf"^{tmp_path}/k[01]\.tar: no sample has an integer json 'key'"):
         list(train_loader(pattern, **(kw | {"key_limit": 100})))
+
+
+def test_csv_rows_are_samples_keyed_by_row_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Catches: keys that are not row numbers, rows lost or repeated across row-range shards, the caption and image
+    # columns mixed up, and a missing image file that crashes instead of being skipped as no_image.
+    monkeypatch.chdir(tmp_path)  # image paths as given, from the working directory (as OpenCLIP reads them)
+    monkeypatch.setattr(data_module, "CSV_CHUNK", 8)  # 31 rows: four row-range shards
+    (tmp_path / "img").mkdir()
+    lines = ["title,img"]
+    for row in range(31):
+        if row != 17:
+            (tmp_path / "img" / f"{row}.png").write_bytes(_png(row))
+        lines.append(f"caption {row},img/{row}.png")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    kw = {"num_samples": 30, "global_batch": 10, "split": "streams", "streams": 1, "key_limit": 31}
+    loader = train_loader("train.csv", **(_required() | kw), csv_layout=CsvLayout("img", "title", ","))
+    batches = list(loader)
+    rows = [(k, c, img) for ims, t, ks in batches for k, c, img in zip(ks.tolist(), untokenize(t), ims, strict=True)]
+    assert sorted(k for k, _, _ in rows) == [r for r in range(31) if r != 17]
+    assert all(c == f"caption {k}" and torch.all(img == k / 255) for k, c, img in rows)
+    assert loader.stats()["no_image"] == 1
+    with pytest.raises(ValueError, match=r"train\.csv: no column 'filepath'"):
+        train_loader("train.csv", **(_required() | kw))  # OpenCLIP's default columns: filepath, title, tab
 
 
 def _required() -> dict:

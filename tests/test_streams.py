@@ -143,6 +143,8 @@ def test_resume_from_saved_positions_is_exact_and_elastic(shards: str) -> None:
         assert_same_steps(full[13:], resumed)
     replayed = global_steps(shards, 2, start_step=13, **kw)  # no saved position: replay without decoding
     assert_same_steps(full[13:], replayed)
+    assert loader(shards, start_step=13, resume=state, **kw).state(lambda flat: flat) == state  # a save before
+    assert loader(shards, start_step=13, **kw).state(lambda flat: flat) is None  # its first batch keeps the state
     stale = state | {"step": 12}  # a state of another step is ignored (replay), never misapplied
     assert_same_steps(full[13:], global_steps(shards, 1, start_step=13, resume=stale, **kw))
 
