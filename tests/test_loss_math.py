@@ -238,6 +238,15 @@ def test_resolve_config_fills_auto() -> None:
     assert resolve_config({"name": "fastclip_v3", "tau_scheduler": "auto"})["tau_scheduler"] == "step_thresh"
     assert resolve_config({"name": "openclip", "tau_scheduler": "auto"})["tau_scheduler"] == "cosine"
     assert resolve_config({"name": "openclip", "tau_scheduler": "const"})["tau_scheduler"] == "const"
+    # tau_grad picks the published code's sub-options (multiply_tau on for v3 only) or ours
+    code = resolve_config({"name": "fastclip_v3"})
+    assert (code["tau_grad"], code["multiply_tau"], code["gamma_epoch0"], code["u_reset"]) == (
+        "fastclip_code", True, "one", "tiny",
+    )  # fmt: skip
+    exact = resolve_config({"name": "fastclip_v3", "tau_grad": "exact"})
+    assert (exact["multiply_tau"], exact["gamma_epoch0"], exact["u_reset"]) == (False, "schedule", "unseen")
+    assert resolve_config({"name": "fastclip_v0"})["multiply_tau"] is False
+    assert resolve_config({"name": "fastclip_v3", "multiply_tau": False, "u_reset": "unseen"})["u_reset"] == "unseen"
 
 
 @pytest.mark.parametrize(
@@ -248,6 +257,10 @@ def test_resolve_config_fills_auto() -> None:
         ({"name": "sogclr", "gamma_schedule": "cosine"}, "loss.gamma_schedule: sogclr uses a constant"),
         ({"name": "fastclip_v1", "gamma": 0.0}, "loss.gamma"),
         ({"name": "fastclip_v2"}, "loss.lr_tau"),
+        ({"name": "fastclip_v3", "tau_grad": "paper"}, "loss.tau_grad: 'paper' is not one of exact, fastclip_code"),
+        ({"name": "fastclip_v3", "u_reset": "never"}, "loss.u_reset"),
+        ({"name": "fastclip_v3", "eps": 0.0}, "loss.eps: must be positive"),
+        ({"name": "fastclip_v3", "temperature": 0.005}, r"loss.temperature: 0.005 is outside \[loss.tau_min, 1\]"),
     ],
 )
 def test_build_loss_rejects_bad_config(cfg: dict, message: str) -> None:
