@@ -2,7 +2,8 @@
 
 ``block_stats`` / ``block_grads`` take ``impl``: ``"dense"`` (the reference, materialises M×N),
 ``"chunked"`` (PyTorch, O(M·chunk) memory), ``"triton"`` (fused kernels; CUDA, or CPU under
-``TRITON_INTERPRET=1``) or ``"auto"`` (triton for CUDA inputs when triton imports, else chunked).
+``TRITON_INTERPRET=1``) or ``"auto"`` (on CUDA what the cost model in ``schedule`` predicts faster for
+the dtype and shape; on CPU chunked).
 ``block_lse``, ``clip_loss`` and ``fastclip_surrogate`` are differentiable wrappers (``autograd``).
 
 Importable with torch (and triton, for the Triton path) alone: nothing here imports fastclip_ds,

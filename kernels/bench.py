@@ -3,10 +3,13 @@
     python -m fastclip_kernels.bench --device cpu --batch 8192 --dim 512 --impl chunked,dense,openclip
 
 Implementations: ``chunked``, ``dense``, ``triton`` (this package, through ``clip_loss`` or
-``fastclip_surrogate``) and ``openclip`` (open_clip's ``ClipLoss``, the peer; it always computes
-the CLIP loss, also under ``--loss fastclip``). Reported per (impl, B, d): median milliseconds,
-achieved TFLOP/s counted as ``GEMM_EQUIVALENTS`` = 4 B×B×d products (8·B²·d, :func:`step_flops`),
-that rate as % of a B×d @ d×B matmul measured in the same run, and peak memory beyond the inputs:
+``fastclip_surrogate``, which calls the kernels exactly as the training loss ``FastClipLoss`` does) and
+``openclip`` (open_clip's ``ClipLoss``, the peer; it always computes the CLIP loss, also under ``--loss
+fastclip``). Reported per (impl, B, d): median milliseconds (CUDA: ``triton.testing.do_bench``, CUDA
+events, warm-up, L2 flushed before each run; CPU: wall clock, impls interleaved), achieved TFLOP/s counted
+as ``GEMM_EQUIVALENTS[loss]`` B×B×d products (:func:`step_flops`), that rate as % of a B×d @ d×B matmul
+timed the same way (bfloat16 on CUDA: % of the card's practical peak), the cost model's predicted time
+(``schedule``) on an H100 and an H200, and peak memory beyond the inputs:
 on CUDA ``max_memory_allocated`` minus the allocation before the step; on CPU the high-water mark
 of bytes allocated through torch's CPU allocator during one step (replayed from the profiler's
 allocation events, ``profile_memory=True``): tensor bytes, comparable to the CUDA number, not RSS.
@@ -28,15 +31,16 @@ from pathlib import Path
 
 import torch
 
-from . import clip_loss, fastclip_surrogate, openclip_import, triton_module
+from . import clip_loss, fastclip_surrogate, openclip_import, schedule, triton_module
 
 IMPLS = ("chunked", "dense", "triton", "openclip")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Both losses time one block_lse on [B, d] features that both need gradients: the forward S = x @ y.T, then
-# block_grads recomputes S and forms dx = G @ y and dy = G.T @ x. The same 4 count the openclip peer,
-# which does 6 (two logit matrices, four backward products): its rate is in useful work.
-GEMM_EQUIVALENTS = 4
+# GEMM-equivalents of one step as the dense impl computes it. clip: the forward S = x @ y.T, then block_grads
+# recomputes S and forms dx = G @ y and dy = G.T @ x (the openclip peer does 6: its rate is in useful work).
+# fastclip (the training loss's calls): row statistics of S and of S.T, then per side S again and G @ other side.
+GEMM_EQUIVALENTS = {"clip": 4, "fastclip": 6}
 CSV_COLUMNS = ["impl", "B", "d", "device", "ms", "tflops", "peak_mem_bytes"]
+MODEL_IMPLS = {"triton": "triton", "chunked": "chunked"}  # bench impl -> schedule impl
 EXTRA_COLUMNS = [
     "dtype",
     "loss",
@@ -46,6 +50,8 @@ EXTRA_COLUMNS = [
     "time_vs_openclip",
     "mem_vs_openclip",
     "status",
+    "model_h100_ms",
+    "model_h200_ms",
 ]
 
 
@@ -106,27 +112,46 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
-    _sync(device)
+def cuda_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median milliseconds of ``fn`` between CUDA events, after ``warmup`` runs, with L2 flushed before each
+    run (a 256 MiB buffer zeroed, as ``triton.testing.do_bench`` does), on the current device's stream."""
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    _sync(device)
     return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
 
 def median_ms(fns: dict[str, Callable[[], object]], device: str, repeats: int, warmup: int) -> dict:
-    """Median (wall, process-CPU) milliseconds per function, timed round-robin.
+    """Median (wall, process-CPU) milliseconds per function.
 
-    Interleaving spreads load from other jobs on the machine over every function alike; CPU time
-    (all threads) shows how much of a wall-clock time was spent computing.
+    CUDA: :func:`cuda_ms` (CUDA events, ``warmup`` runs first, L2 flushed before each timed run). CPU:
+    wall clock, the functions interleaved so that load from other jobs on the machine hits all alike; CPU
+    time (all threads) shows how much of it was spent computing.
     """
+    if device == "cuda":
+        return {name: (cuda_ms(fn, repeats, warmup), math.nan) for name, fn in fns.items()}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(_timed(fn, device))
+            samples[name].append(_timed(fn))
     return {name: tuple(statistics.median(col) for col in zip(*v, strict=True)) for name, v in samples.items()}
 
 
@@ -191,13 +216,14 @@ def make_step(impl: str, loss: str, b: int, d: int, dtype: torch.dtype, device: 
     return step
 
 
-def step_flops(b: int, d: int) -> int:
-    """FLOPs counted for one forward + backward step at batch ``b``, dim ``d`` (2·B²·d per GEMM-equivalent)."""
-    return GEMM_EQUIVALENTS * 2 * b * b * d
+def step_flops(b: int, d: int, loss: str = "clip") -> int:
+    """FLOPs counted for one forward + backward step of ``loss`` at batch ``b``, dim ``d`` (2·B²·d per GEMM-eq.)."""
+    return GEMM_EQUIVALENTS[loss] * 2 * b * b * d
 
 
 def matmul_step(b: int, d: int, dtype: torch.dtype, device: str) -> Callable[[], object]:
-    """A B×d @ d×B product, the rate reference (2·B²·d FLOPs)."""
+    """A B×d @ d×B product, the rate reference (2·B²·d FLOPs); bfloat16 on CUDA whatever the run's dtype."""
+    dtype = torch.bfloat16 if device == "cuda" else dtype
     a = torch.randn(b, d, device=device).to(dtype)
     c = torch.randn(d, b, device=device).to(dtype)
     return lambda: a @ c
@@ -219,7 +245,8 @@ def _oom(err: Exception) -> bool:
 
 
 def measure(b: int, d: int, impls: list[str], args: argparse.Namespace) -> list[dict]:
-    """Rows for one (B, d): each impl's peak memory over one step, then all steps and the matmul timed round-robin.
+    """Rows for one (B, d): each impl's peak memory over one step, then all steps and the matmul timed, and
+    the cost model's prediction for the Triton and chunked rows.
 
     An impl whose step runs out of memory gets ``status`` "oom" and NaN times.
     """
@@ -245,7 +272,11 @@ def measure(b: int, d: int, impls: list[str], args: argparse.Namespace) -> list[
     for r in rows:
         r["ms"], r["cpu_ms"] = times.get(r["impl"], (math.nan, math.nan))
     for r in rows:
-        r["tflops"] = step_flops(b, d) / (r["ms"] * 1e-3) / 1e12
+        r["tflops"] = step_flops(b, d, args.loss) / (r["ms"] * 1e-3) / 1e12
+        for hw in (schedule.H100, schedule.H200):
+            model = MODEL_IMPLS.get(r["impl"])
+            t = schedule.step_time(model, b, d, str(dtype).removeprefix("torch."), hw, args.loss) if model else math.nan
+            r[f"model_{hw.name.split()[0].lower()}_ms"] = t * 1e3
         r["matmul_tflops"], r["pct_matmul"] = mm, 100 * r["tflops"] / mm
         r["time_vs_openclip"] = r["ms"] / peer["ms"] if peer else math.nan
         r["mem_vs_openclip"] = r["peak_mem_bytes"] / peer["peak_mem_bytes"] if peer else math.nan
@@ -279,22 +310,27 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     head = [
         f"Device: {device_name(args.device)}; torch {torch.__version__}; {args.dtype}; loss `{args.loss}`; "
-        f"median of {args.repeats} forward+backward steps (impls and the matmul timed round-robin); "
+        f"median of {args.repeats} forward+backward steps after {args.warmup} warm-up "
+        f"({'CUDA events, L2 flushed before each' if args.device == 'cuda' else 'impls and the matmul interleaved'}); "
         f"{datetime.date.today().isoformat()}.",
         "CPU ms: process CPU time of a step, all threads (includes OpenMP spin-waits when threads > 1).",
-        f"TFLOP/s counts {GEMM_EQUIVALENTS * 2}·B²·d ({GEMM_EQUIVALENTS} GEMM-equivalents); "
-        "% matmul is against a B×d @ d×B matmul measured in the same run.",
+        f"TFLOP/s counts {GEMM_EQUIVALENTS[args.loss] * 2}·B²·d ({GEMM_EQUIVALENTS[args.loss]} GEMM-equivalents); "
+        f"% matmul is against a B×d @ d×B {'bfloat16' if args.device == 'cuda' else args.dtype} matmul timed the "
+        "same way. Model: `fastclip_kernels.schedule`'s predicted step time on an H100 / H200 (this dtype).",
         "",
-        "| impl | B | d | ms | CPU ms | TFLOP/s | % matmul | peak MiB | time × openclip | memory × openclip |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| impl | B | d | ms | CPU ms | TFLOP/s | % matmul | peak MiB | time × openclip | memory × openclip "
+        "| model H100 ms | model H200 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     body = [
         f"| {r['impl']} | {r['B']} | {r['d']} | {r['ms']:.1f} | {r['cpu_ms']:.1f} | {r['tflops']:.3f} | "
-        f"{r['pct_matmul']:.0f} | "
-        f"{r['peak_mem_bytes'] / 2**20:.1f} | {r['time_vs_openclip']:.2f} | {r['mem_vs_openclip']:.3f} |"
+        f"{r['pct_matmul']:.0f} | {r['peak_mem_bytes'] / 2**20:.1f} | {r['time_vs_openclip']:.2f} | "
+        f"{r['mem_vs_openclip']:.3f} | {r['model_h100_ms']:.2f} | {r['model_h200_ms']:.2f} |"
         for r in rows
     ]
-    return "\n".join(head + body) + "\n"
+    dtype = str(DTYPES[args.dtype]).removeprefix("torch.")
+    models = [schedule.report(b, d, dtype, args.loss) for b in args.batch for d in args.dim]
+    return "\n".join(head + body) + "\n\n" + "\n".join(models)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -9,7 +9,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import chunked, reference
+from . import chunked, reference, schedule
 from .reference import BlockStats
 
 IMPLS = ("auto", "triton", "chunked", "dense")
@@ -30,11 +30,18 @@ def triton_module() -> ModuleType | None:
 
 
 def resolve_impl(impl: str, x: Tensor) -> str:
-    """The concrete implementation ``impl`` selects for inputs like ``x``."""
+    """The concrete implementation ``impl`` selects for inputs like ``x``.
+
+    ``auto``: on CUDA, what ``schedule.fastest`` predicts faster for this dtype and shape (Triton only for
+    dtypes whose kernels compile without spills); on CPU the chunked path.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if x.is_cuda and triton_module() is not None else "chunked"
+        if not x.is_cuda or triton_module() is None:
+            return "chunked"
+        major, minor = torch.cuda.get_device_capability(x.device)
+        return schedule.fastest(x.shape[0], x.shape[-1], str(x.dtype).removeprefix("torch."), 10 * major + minor)
     if impl == "triton" and triton_module() is None:
         raise ValueError("impl='triton' needs the triton package, which does not import")
     return impl

@@ -28,10 +28,13 @@ def test_bench_writes_csv_markdown_and_plot(tmp_path) -> None:
     ]
     for r in rows:
         assert r["status"] == "ok" and float(r["ms"]) > 0 and int(r["peak_mem_bytes"]) > 0
-        assert float(r["tflops"]) == pytest.approx(bench.step_flops(int(r["B"]), 16) / float(r["ms"]) / 1e9)
-    assert all(float(r["time_vs_openclip"]) == 1.0 for r in rows if r["impl"] == "openclip")
+        assert float(r["tflops"]) == pytest.approx(bench.step_flops(int(r["B"]), 16, "fastclip") / float(r["ms"]) / 1e9)
+        peer = next(p for p in rows if p["impl"] == "openclip" and p["B"] == r["B"])  # the ratio is to the same B
+        assert float(r["time_vs_openclip"]) == pytest.approx(float(r["ms"]) / float(peer["ms"]))
+        assert float(r["mem_vs_openclip"]) == pytest.approx(int(r["peak_mem_bytes"]) / int(peer["peak_mem_bytes"]))
+        assert float(r["model_h100_ms"]) > 0 if r["impl"] == "chunked" else r["model_h100_ms"] == "nan"
     table = out["md"].read_text()
-    assert "| chunked | 96 | 16 |" in table and "% matmul" in table
+    assert "| chunked | 96 | 16 |" in table and "% matmul" in table and "Model, `fastclip`, B = 96" in table
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -56,7 +59,7 @@ def test_counted_flops_match_the_timed_step(loss: str) -> None:
     step = bench.make_step("dense", loss, 64, 16, torch.float32, "cpu")
     with FlopCounterMode(display=False) as counter:
         step()
-    assert counter.get_total_flops() == bench.step_flops(64, 16)
+    assert counter.get_total_flops() == bench.step_flops(64, 16, loss)
 
 
 def test_cpu_peak_bytes_counts_tensor_allocations() -> None:
@@ -89,3 +92,48 @@ def test_chunked_memory_is_bounded_by_the_tile() -> None:
 
     assert bench.cpu_peak_bytes(chunked_run) < full / 4
     assert bench.cpu_peak_bytes(dense_run) > full
+
+
+def _kernel_calls(monkeypatch) -> list[tuple]:
+    """Record every call that reaches an implementation through ``fastclip_kernels.block_stats/block_grads``."""
+    from fastclip_kernels import dispatch
+
+    calls: list[tuple] = []
+    real = dispatch._module
+
+    class Recorder:
+        def __init__(self, module) -> None:
+            self.module = module
+
+        def block_stats(self, x, y, theta_row, theta_col, diag_offset, exclude_diag):
+            calls.append(("stats", tuple(x.shape), tuple(y.shape), theta_col is None, diag_offset, exclude_diag))
+            return self.module.block_stats(x, y, theta_row, theta_col, diag_offset, exclude_diag)
+
+        def block_grads(self, x, y, row, col, diag_offset, exclude_diag, *, need_dy):
+            sides = (row is not None, col is not None)
+            calls.append(("grads", tuple(x.shape), tuple(y.shape), sides, diag_offset, exclude_diag, need_dy))
+            return self.module.block_grads(x, y, row, col, diag_offset, exclude_diag, need_dy=need_dy)
+
+    monkeypatch.setattr(dispatch, "_module", lambda impl, x: Recorder(real(impl, x)))
+    return calls
+
+
+def test_bench_fastclip_row_makes_the_training_loss_kernel_calls(monkeypatch) -> None:
+    """The bench's FastCLIP row times what training runs: FastClipLoss (fastclip_v3, one process) and the bench
+    step call the same entry points, the same kernels, in the same order, with the same shapes and flags."""
+    import fastclip_kernels as fk
+
+    import fastclip_ds.losses.fastclip as training
+    from fastclip_ds.losses import build_loss
+
+    assert training.block_stats is fk.block_stats and training.block_grads is fk.block_grads
+    calls = _kernel_calls(monkeypatch)
+    b, d = 24, 8
+    bench.make_step("chunked", "fastclip", b, d, torch.float32, "cpu")()
+    bench_calls = list(calls)
+    calls.clear()
+    loss = build_loss({"name": "fastclip_v3", "impl": "chunked"}, dataset_size=b, steps_per_epoch=1)
+    x, t = (torch.nn.functional.normalize(torch.randn(b, d), dim=-1).requires_grad_() for _ in range(2))
+    loss(x, t, torch.tensor([1 / 0.07]), torch.arange(b))["loss"].backward()
+    assert [c[0] for c in bench_calls] == ["stats", "stats", "grads", "grads"]
+    assert calls == bench_calls
