@@ -526,7 +526,7 @@ def train_loader(
     num_workers: int | None = None,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     split: str = "streams",
-    streams: int = 8,
+    streams: int = 64,
     start_step: int = 0,
     resume: dict[str, Any] | None = None,
     key_limit: int | None = None,

@@ -12,7 +12,9 @@ contiguous slice of those, so nobody reads another's shards. The family: ``W`` d
 the global batch; ``K`` is the largest divisor of ``S / W`` not above ``data.num_workers`` (the worker count
 never changes the data). Each pass reads a stream's shards once; an epoch of ``num_samples`` samples reads
 ``num_samples / S`` samples from every stream (every sample exactly once when the shards divide evenly
-over the streams and hold equal counts; otherwise a short stream starts its next pass early).
+over the streams and hold equal counts; otherwise a short stream starts its next pass early). Resampled
+(``resampled=True``): each pass of a stream is one shard drawn with replacement, its source chosen by a smooth
+weighted round robin (upsampling factor x shard count per source) at a phase of the stream's own.
 
 Position: after each step a stream stands at ``(pass, shard, offset)`` (``offset`` valid samples of that shard
 handed out; a finished shard is written as the next one at offset 0), so a resume reads only the current shard
@@ -45,7 +47,10 @@ def stream_layout(streams: int, shards: int, world_size: int, num_workers: int, 
         raise ValueError(f"data.streams must be positive, got {streams}")
     used = max(d for d in range(1, min(streams, shards) + 1) if streams % d == 0)
     if global_batch % used:
-        raise ValueError(f"the global batch ({global_batch}) must be a multiple of the {used} data streams")
+        raise ValueError(
+            f"the global batch ({global_batch}) must be a multiple of the {used} data streams: set data.streams to a "
+            "divisor of it"
+        )
     if used % world_size:
         fewer = f" (only {shards} shards)" if used < streams else ""
         raise ValueError(

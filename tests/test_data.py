@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -294,6 +295,19 @@ def test_csv_rows_are_samples_keyed_by_row_number(tmp_path: Path, monkeypatch: p
     assert loader.stats()["no_image"] == 1
     with pytest.raises(ValueError, match=r"train\.csv: no column 'filepath'"):
         train_loader("train.csv", **(_required() | kw))  # OpenCLIP's default columns: filepath, title, tab
+
+
+def test_wait_for_each_batch_is_measured(pattern: str) -> None:
+    # Catches: wait time not accumulated per batch, or not reset when taken (the logged mean would drift).
+    def slow(img: Image.Image) -> torch.Tensor:
+        time.sleep(0.01)
+        return to_tensor(img)
+
+    loader = train_loader(pattern, **(_required() | {"global_batch": 8, "num_samples": 16, "image_transform": slow}))
+    assert loader.take_wait_ms() == 0.0  # nothing asked yet
+    assert len(list(loader)) == 2
+    assert loader.take_wait_ms() >= 8 * 10 * 2 / 3  # 3 waits (2 batches + the end), each batch 8 sleeps of 10 ms
+    assert loader.take_wait_ms() == 0.0
 
 
 def _required() -> dict:
