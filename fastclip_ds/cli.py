@@ -12,6 +12,7 @@ COMMANDS = {
     "eval": ("fastclip_ds.eval.zeroshot", "zero-shot classification or retrieval of an open_clip checkpoint"),
     "bench": ("fastclip_kernels.bench", "micro-benchmark of the loss kernels against open_clip's ClipLoss"),
     "comm-bench": ("fastclip_ds.comm_bench", "bytes per step of each collective: openclip vs fastclip losses"),
+    "bench-memory": ("fastclip_ds.memory_bench", "peak memory and samples/s of a step vs micro-batch, checkpointing"),
 }
 
 USAGE = (

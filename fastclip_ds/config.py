@@ -30,6 +30,7 @@ NULLABLE: dict[str, type | tuple[type, ...]] = {
     "data.upsampling_factors": list,
     "data.num_workers": int,
     "train.max_steps": int,
+    "train.micro_batch_size": int,
     "eval.data": str,
     "loss.lr_tau": (int, float),
     "loss.multiply_tau": bool,
@@ -55,6 +56,7 @@ class ConfigError(ValueError):
 def train_defaults() -> dict[str, Any]:
     return {
         "global_batch_size": 64,
+        "micro_batch_size": None,
         "epochs": 10,
         "max_steps": None,
         "seed": 0,
@@ -90,7 +92,7 @@ def default_config() -> dict[str, Any]:
             "augment": True,
             "max_bad_fraction": 0.1,
         },
-        "model": {"config": "fastclip-tiny"},
+        "model": {"config": "fastclip-tiny", "grad_checkpointing": False},
         "loss": dict(losses.DEFAULTS),
         "optimizer": dict(optim.DEFAULTS),
         "train": train_defaults(),
@@ -227,6 +229,13 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise cfg.error("train.global_batch_size", f"{batch} is not divisible by the world size {world_size} (ranks)")
     if batch > data["num_samples"]:
         raise cfg.error("train.global_batch_size", f"{batch} exceeds data.num_samples={data['num_samples']}")
+    micro = train["micro_batch_size"]
+    if micro is not None and (micro <= 0 or (batch // world_size) % micro):
+        raise cfg.error(
+            "train.micro_batch_size",
+            f"{micro} is not a positive divisor of the per-rank batch {batch // world_size} "
+            f"(train.global_batch_size={batch} on {world_size} rank(s))",
+        )
     if train["max_steps"] is not None and train["max_steps"] <= 0:
         raise cfg.error("train.max_steps", f"must be positive or null, got {train['max_steps']!r}")
     if data["dataset_size"] is not None and data["dataset_size"] <= 0:
@@ -390,6 +399,8 @@ KEY_HELP: dict[str, str] = {
     "loss.tau_beta1": "per-sample τ Adam β1 (fastclip_v2, isogclr)",
     "loss.tau_beta2": "per-sample τ Adam β2",
     "loss.tau_eps": "per-sample τ Adam ε",
+    "model.grad_checkpointing": "recompute both towers' activations in backward (open_clip's set_grad_checkpointing; "
+    "OpenCLIP's --grad-checkpointing): less memory, one more forward of each block",
     "optimizer.name": "adamw | lamb | lion | sgd (torch implementations, any ZeRO stage)",
     "optimizer.betas": "[β1, β2] of adamw / lamb / lion",
     "optimizer.eps": "ε of adamw / lamb",
@@ -397,6 +408,8 @@ KEY_HELP: dict[str, str] = {
     "optimizer.momentum": "sgd momentum",
     "optimizer.nesterov": "sgd Nesterov momentum",
     "train.global_batch_size": "batch over all ranks (DeepSpeed's batch keys are derived from it)",
+    "train.micro_batch_size": "per-rank micro-batch (null: the whole per-rank batch); smaller ones accumulate "
+    "exactly: the loss still sees the whole global batch (features cached, forward replayed with its RNG state)",
     "train.epochs": "epochs to train",
     "train.max_steps": "optional cap on optimizer steps",
     "train.seed": "seed of model init, data order and augmentation",

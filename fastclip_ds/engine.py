@@ -40,24 +40,40 @@ def load_ds_config(path: str | Path | None, on_cuda: bool) -> tuple[dict[str, An
     return read_json_object(path, "deepspeed config", "of DeepSpeed keys"), str(path)
 
 
+def accumulation_steps(global_batch: int, world_size: int, micro_batch: int | None) -> int:
+    """Micro-batches per rank and step: global batch = world size × micro-batch × accumulation steps (``None``:
+    the micro-batch is the whole per-rank batch). The caller has checked that the micro-batch divides it."""
+    per_rank = global_batch // world_size
+    return 1 if micro_batch is None else per_rank // micro_batch
+
+
 def build_ds_config(
-    user: dict[str, Any], source: str, *, global_batch: int, world_size: int, on_cuda: bool
+    user: dict[str, Any],
+    source: str,
+    *,
+    global_batch: int,
+    world_size: int,
+    on_cuda: bool,
+    micro_batch: int | None = None,
 ) -> dict[str, Any]:
-    """Complete a DeepSpeed config: batch keys from the global batch, checks for keys owned elsewhere."""
+    """Complete a DeepSpeed config: batch keys from the global batch and ``train.micro_batch_size`` (``None``: the
+    per-rank batch), checks for keys owned elsewhere."""
     cfg = json.loads(json.dumps(user))
     for key, owner in OWNED_BY_RUN_CONFIG.items():
         if key in cfg:
             raise ConfigError(f"{source}: {key}: set by {owner}; remove it from the DeepSpeed config")
+    steps = accumulation_steps(global_batch, world_size, micro_batch)
     derived = {
         "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": global_batch // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": global_batch // world_size // steps,
+        "gradient_accumulation_steps": steps,
     }
     for key in BATCH_KEYS:
         if key in cfg and cfg[key] != derived[key]:
             raise ConfigError(
-                f"{source}: {key}: {cfg[key]!r} contradicts train.global_batch_size={global_batch} on "
-                f"{world_size} rank(s) (expected {derived[key]}); leave batch keys out, they are derived"
+                f"{source}: {key}: {cfg[key]!r} contradicts train.global_batch_size={global_batch} and "
+                f"train.micro_batch_size={micro_batch} on {world_size} rank(s) (expected {derived[key]}); "
+                "leave batch keys out, they are derived"
             )
     if not on_cuda and cfg.get("fp16", {}).get("enabled", False):
         raise ConfigError(f"{source}: fp16.enabled: fp16 needs a GPU; use bf16 or fp32 on CPU")

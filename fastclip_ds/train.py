@@ -24,6 +24,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch.distributed import DistError
 from tqdm import tqdm
 
 from . import checkpoint, comm
+from .accumulate import FeatureCache
 from .config import (
     ConfigError,
     RunConfig,
@@ -190,12 +192,15 @@ class Trainer:
         self.bundle = create_model(
             cfg["model"]["config"], init_temperature=cfg["loss"]["temperature"], seed=train["seed"]
         )
+        self.bundle.model.set_grad_checkpointing(cfg["model"]["grad_checkpointing"])
         self.loss_fn = build_loss(
             cfg["loss"], dataset_size=dataset_size(cfg), steps_per_epoch=self.steps_per_epoch, lr=train["lr"]
         )
         self.engine = self._build_engine(ds_config)
         self.loss_fn.to(self.device)
         self.loss_fn.defer_updates = True  # the u/τ write waits until the step is known to be applied
+        steps = self.engine.gradient_accumulation_steps()  # train.micro_batch_size, via the DeepSpeed config
+        self.accumulation = FeatureCache(self.engine, self.loss_fn, steps, self.device) if steps > 1 else None
         self.metrics = MetricsLogger(run_dir, enabled=rank == 0)
         self.stop = StopRequest()
         self.pos = Position()
@@ -314,13 +319,19 @@ class Trainer:
         """One step. The stop request, ``too_bad`` and the loss check are agreed over ranks in one all-reduce
         between forward and backward. A non-finite loss (any rank) skips backward; non-finite gradients skip the
         optimizer step (DeepSpeed's own overflow check at ZeRO 1-3 / bf16 / fp16, ours at ZeRO-0 fp32). A skipped
-        step writes no per-sample loss state."""
+        step writes no per-sample loss state. With micro-batches, :mod:`~fastclip_ds.accumulate` runs the forward
+        (pass 1 and the loss of the whole batch) and the backward (pass 2)."""
         images = images.to(self.device, self.dtype, non_blocking=True)
-        out = self.engine(image=images, text=tokens.to(self.device))
-        result = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], keys.to(self.device))
+        tokens, keys = tokens.to(self.device), keys.to(self.device)
+        if self.accumulation is None:
+            out = self.engine(image=images, text=tokens)
+            result = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], keys)
+            backward = self.engine.backward
+        else:
+            result, backward = self.accumulation.forward(images, tokens, keys)
         finite = bool(torch.isfinite(result["loss"].detach()).all() and torch.isfinite(result["objective"]).all())
         nonfinite, stop, bad = agree([int(not finite), self.stop.received, int(too_bad)], self.device)
-        outcome = NONFINITE if nonfinite else self._backward_and_step(result["loss"])
+        outcome = NONFINITE if nonfinite else self._backward_and_step(backward, result["loss"])
         if outcome == APPLIED:
             self.loss_fn.commit()
         else:
@@ -328,9 +339,9 @@ class Trainer:
         values = {k: float(v.detach()) for k, v in result.items()}
         return StepResult(values, outcome, stop, bool(bad))
 
-    def _backward_and_step(self, loss: torch.Tensor) -> str:
+    def _backward_and_step(self, backward: Callable[[torch.Tensor], Any], loss: torch.Tensor) -> str:
         """Backward and optimizer step of a finite loss; the outcome (see :class:`StepResult`)."""
-        self.engine.backward(loss)
+        backward(loss)
         if not (steps_guarded_by_deepspeed(self.engine) or grads_finite(self.engine)):
             self.engine.zero_grad()
             return NONFINITE
@@ -497,6 +508,18 @@ def collective_failure(err: BaseException) -> bool:
     return isinstance(err, DistError) or (isinstance(err, RuntimeError) and gloo is not None)
 
 
+def out_of_memory(cfg: RunConfig, world: int, run_dir: Path) -> str:
+    """The one-line answer to a CUDA out-of-memory error: the batch sizes and the levers that lower memory."""
+    train = cfg["train"]
+    micro = train["micro_batch_size"] or train["global_batch_size"] // world
+    return (
+        f"out of memory at train.global_batch_size={train['global_batch_size']}, micro-batch {micro} per rank; "
+        "lower train.micro_batch_size (exact accumulation: same result), set model.grad_checkpointing=true, raise "
+        "zero_optimization.stage or offload to CPU (zero_optimization.offload_optimizer / offload_param) in the "
+        f"DeepSpeed config; last good checkpoint: {checkpoint.read_latest(run_dir / 'checkpoints')}"
+    )
+
+
 def plan_resume(cfg: RunConfig, ds_config: dict[str, Any], spec: str, world: int) -> tuple[str, bool] | None:
     """``(tag, universal)`` for ``--resume spec`` (None: ``auto`` with no checkpoint), checked before any process
     group. A different world size at ZeRO 1-3 loads through a universal checkpoint (ZeRO-0 states are not
@@ -535,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         ds_user, ds_source = load_ds_config(args.deepspeed_config, on_cuda)
         ds_config = build_ds_config(
-            ds_user, ds_source, global_batch=cfg["train"]["global_batch_size"], world_size=world, on_cuda=on_cuda
+            ds_user,
+            ds_source,
+            global_batch=cfg["train"]["global_batch_size"],
+            world_size=world,
+            on_cuda=on_cuda,
+            micro_batch=cfg["train"]["micro_batch_size"],
         )
         run_dir = check_environment(cfg)
         if rank == 0:
@@ -568,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except torch.OutOfMemoryError:
+        print(f"error: rank {rank}: {out_of_memory(cfg, world, run_dir)}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as err:
         if not collective_failure(err):
