@@ -4,10 +4,10 @@
 
 Triton compiles for a named ``GPUTarget``; the wheel's ``ptxas -v`` reports registers, spills and
 shared memory. Each variant's result is cached as JSON under ``$FASTCLIP_AOT_CACHE`` (default
-``~/.cache/fastclip_kernels/aot``), keyed by the Triton version, the kernel source and the variant's full
-specialisation (signature, constexprs, block sizes, warps, stages, target), so an unchanged kernel costs no
-compile. Must run with ``TRITON_INTERPRET`` unset (interpreted kernels do
-not compile); the test runs it in a subprocess.
+``~/.cache/fastclip_kernels/aot``), keyed by the Triton version, the kernel's source (the jit functions it
+calls included) and the variant's full specialisation (signature, constexprs, block sizes, warps, stages,
+target), so an unchanged kernel costs no compile. Must run with ``TRITON_INTERPRET`` unset (interpreted
+kernels do not compile); the test runs it in a subprocess.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ TARGETS = {90: "sm_90a", 80: "sm_80"}
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-KERNEL_SOURCE = Path(triton_block.__file__)
 RESULT_FORMAT = 1  # bump when compile_variant records something new
 
 
@@ -89,10 +88,10 @@ def _specialisation(v: Variant) -> tuple[object, dict, dict, dict, dict]:
 
 
 def _key(v: Variant) -> str:
-    """Everything the compiled code depends on: Triton, the kernel source, the specialisation, the target."""
+    """Everything the compiled code depends on: Triton, the jit function's source and those it calls (Triton's
+    ``cache_key``), the specialisation, the target."""
     fn, sig, consts, attrs, opts = _specialisation(v)
-    h = hashlib.sha256(f"{triton.__version__} {RESULT_FORMAT} {fn.__name__} {v.arch}".encode())
-    h.update(KERNEL_SOURCE.read_bytes())
+    h = hashlib.sha256(f"{triton.__version__} {RESULT_FORMAT} {fn.cache_key} {v.arch}".encode())
     h.update(repr((sig, sorted(consts.items()), sorted(attrs.items()), sorted(opts.items()))).encode())
     return h.hexdigest()[:32]
 

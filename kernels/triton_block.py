@@ -29,6 +29,7 @@ Kernels launch on the inputs' device.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -248,9 +249,9 @@ def launch_options(kind: str, x: Tensor, arch: int | None) -> tuple[schedule.Con
     return cfg, {**kw, "num_warps": cfg.warps, "num_stages": cfg.stages}
 
 
-def _on_device(x: Tensor):
+def _on_device(x: Tensor) -> contextlib.AbstractContextManager:
     """Launch context: the inputs' CUDA device (Triton launches on the current one)."""
-    return torch.cuda.device(x.device) if x.is_cuda else torch.device("cpu")
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def block_stats(
