@@ -8,7 +8,8 @@ anywhere else in ``fastclip_ds/``, ``kernels/`` or ``launchers/``.
 Per training step, beyond DeepSpeed's own gradient reduction: the loss's collectives (FastCLIP: the packed
 feature gather, the state all-reduce and the ``g`` gather; OpenCLIP: the feature gather and its gradient
 reduce-scatter), the trainer's stop/skip agreement (one all-reduce of three int64 flags), and under ZeRO 1-3
-with LAMB one all-reduce of per-tensor squared norms per parameter group (sub-group at ZeRO-3).
+with LAMB one all-reduce of per-tensor squared norms per parameter group (sub-group at ZeRO-3). Evaluation
+(outside the step): :func:`all_gather_ragged` of each rank's features, and :func:`gathered_parameters` at ZeRO-3.
 
 Byte counter: :func:`bytes_by_op` returns, per op name, the bytes *this rank sent* in every collective above
 since the last :func:`reset_bytes` (barriers, outside the step, carry no payload and are not counted), under
@@ -25,9 +26,11 @@ parameter-gradient reduction and other engine collectives), when that logger is 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import deepspeed
 import deepspeed.comm as dist
 import torch
 from torch import Tensor
@@ -117,6 +120,29 @@ def all_gather_rows(tensors: Sequence[Tensor], op: str) -> list[Tensor]:
         result.append(chunk.reshape(k * rows, *t.shape[1:]))
         start += p.shape[1]
     return result
+
+
+def all_gather_ragged(tensors: Sequence[Tensor], op: str) -> list[Tensor]:
+    """All-gather ``[n_r, ...]`` tensors whose row count ``n_r`` differs between ranks (same trailing shapes and
+    dtypes on every rank): each returned tensor is rank 0's rows, then rank 1's, ... (no autograd). Two collectives:
+    the row counts (all-reduce), then the rows padded to the largest count (:func:`all_gather_rows`)."""
+    k = world_size()
+    if k == 1:
+        return [t.detach() for t in tensors]
+    counts = torch.zeros(k, dtype=torch.int64, device=tensors[0].device)
+    counts[rank()] = tensors[0].shape[0]
+    all_reduce_sum_(counts, op + "_counts")
+    rows, counts = int(counts.max()), counts.tolist()
+    padded = [torch.cat([t.detach(), t.new_zeros((rows - t.shape[0], *t.shape[1:]))]) for t in tensors]
+    return [torch.cat([g[r * rows : r * rows + n] for r, n in enumerate(counts)]) for g in all_gather_rows(padded, op)]
+
+
+@contextmanager
+def gathered_parameters(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """ZeRO-3: the full values of those ``params`` partitioned right now inside (an all-gather; every rank must
+    enter), partitioned again after; parameters DeepSpeed holds whole (or does not manage) are left alone."""
+    with deepspeed.zero.GatheredParameters(ds_compat.partitioned(params)):
+        yield
 
 
 def _all_reduce_(t: Tensor, op: str, reduce_op: Any, group: Any) -> Tensor:

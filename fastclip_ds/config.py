@@ -423,10 +423,12 @@ KEY_HELP: dict[str, str] = {
     "train.log_every_steps": "log metrics every N steps",
     "train.max_nonfinite_steps": "abort after this many non-finite (skipped) steps in a row",
     "train.collective_timeout_s": "a rank that waits this long on a collective exits with an error",
-    "eval.data": "zero-shot / retrieval split in CLIP_benchmark's wds layout; auto: the digits test split when "
-    "data.train is the embedded digits, else none; null: no evaluation",
+    "eval.data": "zero-shot / retrieval split: CLIP_benchmark's wds layout (DIR/test/nshards.txt) or, for "
+    "classification, an ImageNet-style folder (DIR/val/<class>/<image>, class i = i-th sorted folder, with "
+    "DIR/classnames.txt and DIR/zeroshot_classification_templates.txt); picked by what DIR holds; auto: the digits "
+    "test split when data.train is the embedded digits, else none; null: no evaluation",
     "eval.every_steps": "evaluate every N steps (0: only at the end)",
-    "eval.batch_size": "images per evaluation batch",
+    "eval.batch_size": "images per evaluation batch (the split's fixed batches are shared out over the ranks)",
 }
 
 

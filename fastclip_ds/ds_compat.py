@@ -5,6 +5,7 @@ fastclip-ds reaches into DeepSpeed internals where the public API has no way to 
 - :func:`patch_deepspeed`: skip the JIT build of the CPU shared-memory comm op;
 - :func:`comms_log`: the comms logger's records (bytes per step of DeepSpeed's own collectives);
 - :func:`zero_partitions`: the ZeRO-1/2/3 partition bookkeeping, for LAMB's per-tensor trust ratios;
+- :func:`partitioned`: which ZeRO-3 parameters are partitioned now (evaluation gathers them);
 - :func:`universal_info` and :func:`universal_load`: universal-checkpoint tagging, and loading one on another
   number of ranks (this version's own loader fails at ZeRO 1/2 and mixes up parameter groups at ZeRO-3).
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -70,6 +71,13 @@ def comms_log() -> dict[str, dict[int, list]]:
     from deepspeed.comm.comm import comms_logger
 
     return comms_logger.comms_dict
+
+
+def partitioned(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Those ZeRO-3 ``params`` whose full value is not on this rank right now (gather them to read them)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
 
 
 @dataclass(frozen=True)

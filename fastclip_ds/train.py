@@ -49,7 +49,7 @@ from .config import (
     total_steps,
     validate,
 )
-from .data import BadDataError, TrainLoader, steps_per_epoch, train_loader
+from .data import BadDataError, TrainLoader, default_workers, steps_per_epoch, train_loader
 from .ds_compat import check_version, patch_deepspeed
 from .engine import (
     build_ds_config,
@@ -470,22 +470,24 @@ class Trainer:
         return every > 0 and self.pos.global_step % every == 0
 
     def evaluate(self) -> dict[str, Any]:
-        """Evaluate on ``eval.data`` ({} when null); the metrics name the split under ``data``. Rank 0 computes;
-        under ZeRO-3 every rank runs the forward (it gathers the partitioned parameters collectively)."""
+        """Evaluate on ``eval.data`` ({} when null); the metrics name the split under ``data``. Every rank encodes
+        its share (``data.num_workers`` loaders), rank 0 computes the metrics ({} elsewhere); under ZeRO-3 every rank
+        runs as many forwards (they gather the partitioned parameters collectively)."""
         root = self.cfg["eval"]["data"]
         if not root:
             return {}
-        metrics: dict[str, Any] = {}
-        if self.rank == 0 or self.engine.zero_optimization_stage() == 3:
-            scores = evaluate_split(
-                self.engine.module,
-                self.bundle.tokenizer,
-                self.bundle.eval_transform,
-                Path(root).expanduser(),
-                batch_size=self.cfg["eval"]["batch_size"],
-                device=self.device,
-            )
-            metrics = {"data": root, **scores}
+        workers = self.cfg["data"]["num_workers"]
+        scores = evaluate_split(
+            self.engine.module,
+            self.bundle.tokenizer,
+            self.bundle.eval_transform,
+            Path(root).expanduser(),
+            batch_size=self.cfg["eval"]["batch_size"],
+            device=self.device,
+            num_workers=default_workers() if workers is None else workers,
+            lockstep=self.engine.zero_optimization_stage() == 3,
+        )
+        metrics: dict[str, Any] = {"data": root, **scores} if self.rank == 0 else {}
         if self.rank == 0:
             self.metrics.log(self.pos.global_step, "eval", metrics)
             print(f"eval @ step {self.pos.global_step}: {summary(metrics)}", flush=True)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .zeroshot import IMAGE_KEYS, read_split
+from .split import IMAGE_EXTS, split_shards
+from .zeroshot import WHAT, read_names
 
 
 def write_retrieval_split(src: Path, out: Path, captions_per_image: int = 2, shard_size: int = 1000) -> Path:
@@ -22,14 +23,15 @@ def write_retrieval_split(src: Path, out: Path, captions_per_image: int = 2, sha
 
     if captions_per_image < 1:
         raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
-    classnames, templates, shards = read_split(Path(src))
+    classnames, templates = read_names(Path(src))
+    shards = split_shards(Path(src), WHAT)
     out = Path(out)
     (out / "test").mkdir(parents=True, exist_ok=True)
     samples = wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, empty_check=False)
     n, shard = 0, None
     try:
         for sample in samples:
-            ext = next(e for e in IMAGE_KEYS.split(";") if e in sample)
+            ext = next(e for e in IMAGE_EXTS if e in sample)
             label = int(sample["cls"])
             if not 0 <= label < len(classnames):
                 raise ValueError(f"{sample['__url__']}: label {label} outside 0..{len(classnames) - 1}")

@@ -22,21 +22,24 @@ on another machine, as with any float metric.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .zeroshot import IMAGE_KEYS, encode_images, inference, split_shards
+from .. import comm
+from .split import Split, chunks, encode_split, inference, layout, read_wds, shard_map
 
+WHAT = "retrieval data"
 KS = (1, 5, 10)
 
 
-def read_retrieval_split(root: Path) -> list[str]:
-    """Shard paths of the retrieval test split under ``root``."""
-    return split_shards(root, "retrieval data")
+def read_retrieval_split(root: Path) -> Split:
+    """The samples of the retrieval split under ``root`` (wds layout only)."""
+    if layout(root, WHAT) == "folder":
+        raise ValueError(f"{WHAT}: {root}: the folder layout (val/) is for classification; retrieval needs test/")
+    return read_wds(root, "txt", WHAT)
 
 
 def recall_at_k(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
@@ -61,24 +64,6 @@ def recall_at_k(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[
     return out
 
 
-def _batches(shards: list[str], transform: Callable, batch_size: int) -> Iterable[tuple[torch.Tensor, list[str]]]:
-    import webdataset as wds
-
-    return (
-        wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-        .decode("pil")
-        .to_tuple(IMAGE_KEYS, "txt")
-        .map_tuple(transform, lambda text: [c.strip() for c in text.splitlines() if c.strip()])
-        .batched(batch_size, partial=True)
-    )
-
-
-def _digest(image: torch.Tensor) -> bytes:
-    """Identity of a preprocessed image: its shape, dtype and pixel bytes."""
-    pixels = image.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(f"{tuple(image.shape)}{image.dtype}".encode() + pixels.tobytes(), digest_size=16).digest()
-
-
 def retrieval_eval(
     model: torch.nn.Module,
     tokenizer: Callable,
@@ -86,34 +71,32 @@ def retrieval_eval(
     root: Path,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Image↔text R@1/5/10 of ``model`` on ``root``'s retrieval test split (model mode restored); each distinct
     image and caption is encoded once (see the module docstring)."""
-    shards = read_retrieval_split(root)
-    image_ids: dict[bytes, int] = {}
-    image_features, image_of_sample, captions, text_to_image = [], [], [], []
+    split = read_retrieval_split(root)
+    if not len(split):
+        raise ValueError(f"{WHAT}: no samples in {root}/test")
+    captions = [c for texts in split.captions for c in texts]
+    if not captions:
+        raise ValueError(f"{WHAT}: no captions in {root}/test")
+    text_to_image = torch.tensor([n for n, texts in enumerate(split.captions) for _ in texts])
+    tokens, text_of_caption = torch.unique(tokenizer(captions), dim=0, return_inverse=True)
+
+    def run(units: list[list[int]]) -> Iterator[tuple[torch.Tensor]]:
+        for unit in units:
+            yield (F.normalize(model.encode_text(tokens[unit].to(device)).float(), dim=-1),)
+
     with inference(model):
-        for images, per_sample in _batches(shards, transform, batch_size):
-            for n, texts in enumerate(per_sample, start=len(image_of_sample)):
-                captions += texts
-                text_to_image += [n] * len(texts)
-            fresh = []
-            for n, key in enumerate(map(_digest, images)):
-                if key not in image_ids:
-                    image_ids[key] = len(image_ids)
-                    fresh.append(n)
-                image_of_sample.append(image_ids[key])
-            if fresh:
-                image_features.append(encode_images(model, images[fresh], device))
-        if not image_of_sample:
-            raise ValueError(f"retrieval data: no samples in {root}/test")
-        if not captions:
-            raise ValueError(f"retrieval data: no captions in {root}/test")
-        tokens, text_of_caption = torch.unique(tokenizer(captions), dim=0, return_inverse=True)
-        text_features = torch.cat(
-            [F.normalize(model.encode_text(chunk.to(device)).float(), dim=-1) for chunk in tokens.split(batch_size)]
-        )
-    distinct = text_features @ torch.cat(image_features).T  # [distinct captions, distinct images]
-    scores = distinct[text_of_caption.to(distinct.device)][:, torch.tensor(image_of_sample, device=distinct.device)]
-    index = torch.tensor(text_to_image, device=scores.device)
-    return {**recall_at_k(scores, index), "n_images": len(image_of_sample), "n_texts": len(captions)}
+        features, digests = encode_split(model, split, transform, batch_size, device, num_workers, lockstep, True)
+        (text_features,) = shard_map(chunks(len(tokens), batch_size), run, lockstep, "eval_texts")
+    if comm.rank() != 0:
+        return {}
+    first: dict[bytes, int] = {}  # image digest -> its first sample: the feature of every sample with that image
+    image_of_sample = [first.setdefault(key.tobytes(), n) for n, key in enumerate(digests.cpu().numpy())]
+    columns, image_of_sample = torch.tensor(image_of_sample).unique(return_inverse=True)
+    distinct = text_features @ features[columns.to(features.device)].T  # [distinct captions, distinct images]
+    scores = distinct[text_of_caption.to(distinct.device)][:, image_of_sample.to(distinct.device)]
+    return {**recall_at_k(scores, text_to_image.to(scores.device)), "n_images": len(split), "n_texts": len(captions)}
