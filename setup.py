@@ -28,6 +28,6 @@ setup(
         "scikit-learn",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={"dev": ["pytest", "ruff"], "wandb": ["wandb"]},
     entry_points={"console_scripts": ["fastclip-ds=fastclip_ds.cli:main"]},
 )

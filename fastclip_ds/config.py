@@ -7,6 +7,7 @@ key and the file it came from, raised before any process group starts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Iterable
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from . import data, digits
-from .model import resolve_model_config
+from .model import check_model, resolve_model_config
 
 # ``losses`` and ``optim`` are imported where used: they import comm -> ds_compat -> config (ConfigError).
 
 DEFAULT_SOURCE = "<defaults>"
 SET_SOURCE = "--set"
+WANDB_MODES = ("online", "offline")
 EVAL_AUTO = "auto"  # eval.data: the digits test split when training on the embedded digits shards, else none
 
 # Keys that may be null: the type a non-null value must have.
@@ -32,6 +34,11 @@ NULLABLE: dict[str, type | tuple[type, ...]] = {
     "train.max_steps": int,
     "train.micro_batch_size": int,
     "eval.data": str,
+    "data.aug_cfg": dict,
+    "model.pretrained": str,
+    "model.image_size": int,
+    "train.init_from": str,
+    "train.wandb_project": str,
     "loss.lr_tau": (int, float),
     "loss.multiply_tau": bool,
 }
@@ -44,6 +51,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     return {
         "data.split": data.SPLITS,
         "train.lr_scheduler": optim.LR_SCHEDULERS,
+        "train.wandb_mode": WANDB_MODES,
         "optimizer.name": optim.OPTIMIZERS,
         **{f"loss.{k}": v for k, v in losses.CHOICES.items()},
     }
@@ -70,6 +78,9 @@ def train_defaults() -> dict[str, Any]:
         "log_every_steps": 10,
         "max_nonfinite_steps": 10,
         "collective_timeout_s": 600.0,
+        "init_from": None,
+        "wandb_project": None,
+        "wandb_mode": "online",
     }
 
 
@@ -90,9 +101,22 @@ def default_config() -> dict[str, Any]:
             "num_workers": None,
             "shuffle_buffer": data.SHUFFLE_BUFFER,
             "augment": True,
+            "aug_cfg": None,
             "max_bad_fraction": 0.1,
         },
-        "model": {"config": "fastclip-tiny", "grad_checkpointing": False},
+        "model": {
+            "config": "fastclip-tiny",
+            "pretrained": None,
+            "force_quick_gelu": False,
+            "image_size": None,
+            "lock_image": False,
+            "lock_image_unlocked_groups": 0,
+            "lock_image_freeze_bn_stats": False,
+            "lock_text": False,
+            "lock_text_unlocked_layers": 0,
+            "lock_text_freeze_layer_norm": True,
+            "grad_checkpointing": False,
+        },
         "loss": dict(losses.DEFAULTS),
         "optimizer": dict(optim.DEFAULTS),
         "train": train_defaults(),
@@ -121,9 +145,10 @@ class RunConfig:
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """``section.key`` leaves; a key's value may itself be an object (``data.aug_cfg``)."""
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not prefix:
             yield from _flatten(value, dotted + ".")
         else:
             yield dotted, value
@@ -275,6 +300,32 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise cfg.error(key, message) from None
     _resolve_loss(cfg)
     _resolve_eval_data(cfg)
+    _validate_model_options(cfg)
+
+
+def _validate_model_options(cfg: RunConfig) -> None:
+    """Starting weights, LiT, image size, ``data.aug_cfg`` keys and wandb."""
+    from .model import augmentation_keys
+
+    model, train = cfg["model"], cfg["train"]
+    if model["pretrained"] and train["init_from"]:
+        raise cfg.error("train.init_from", "set either model.pretrained or train.init_from, not both")
+    if model["image_size"] is not None and model["image_size"] <= 0:
+        raise cfg.error("model.image_size", f"must be positive or null, got {model['image_size']!r}")
+    for leaf in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+        if model[leaf] < 0:
+            raise cfg.error(f"model.{leaf}", f"must be >= 0, got {model[leaf]!r}")
+    unknown = [k for k in cfg["data"]["aug_cfg"] or {} if k not in augmentation_keys()]
+    if unknown:
+        raise cfg.error("data.aug_cfg", f"unknown key {unknown[0]!r} (open_clip's: {', '.join(augmentation_keys())})")
+    if train["wandb_project"] and importlib.util.find_spec("wandb") is None:
+        raise cfg.error("train.wandb_project", "needs the wandb package: pip install 'fastclip-ds[wandb]'")
+
+
+def csv_layout(cfg: RunConfig) -> Any:
+    """The :class:`~fastclip_ds.data.CsvLayout` of ``data.csv_*`` (for a ``.csv``/``.tsv`` source)."""
+    d = cfg["data"]
+    return data.CsvLayout(d["csv_img_key"], d["csv_caption_key"], d["csv_separator"])
 
 
 def _validate_sources(cfg: RunConfig) -> None:
@@ -330,6 +381,7 @@ def check_environment(cfg: RunConfig) -> Path:
         resolve_model_config(cfg["model"]["config"])
     except (ValueError, FileNotFoundError) as err:
         raise cfg.error("model.config", str(err)) from None
+    _check_starting_weights(cfg)
     pattern = cfg["data"]["train"]
     if pattern == digits.train_pattern(digits.DEFAULT_ROOT):
         digits.ensure_digits(digits.DEFAULT_ROOT)
@@ -345,6 +397,24 @@ def check_environment(cfg: RunConfig) -> Path:
     if cfg["eval"]["data"] and not Path(cfg["eval"]["data"]).expanduser().is_dir():
         raise cfg.error("eval.data", f"{cfg['eval']['data']!r} is not a directory")
     return out
+
+
+def _check_starting_weights(cfg: RunConfig) -> None:
+    """``train.init_from`` has a complete checkpoint; the model with its overrides, ``model.pretrained`` and LiT
+    locking builds (on the meta device: the checkpoint's keys and shapes fit)."""
+    from .checkpoint import resolve
+
+    init_from = cfg["train"]["init_from"]
+    if init_from:
+        try:
+            resolve(Path(init_from).expanduser() / "checkpoints", "latest", option="train.init_from")
+        except FileNotFoundError as err:
+            raise cfg.error("train.init_from", str(err)) from None
+    try:
+        check_model(cfg)
+    except ValueError as err:
+        key, _, message = str(err).partition(": ")
+        raise cfg.error(key, message) from None
 
 
 def total_steps(cfg: RunConfig) -> int:
@@ -378,8 +448,22 @@ KEY_HELP: dict[str, str] = {
     "data.num_workers": "DataLoader workers per rank (null: from the CPUs per local rank, 1..8)",
     "data.shuffle_buffer": "samples in the shuffle buffer (streams mode: valid samples per shuffled block of a shard)",
     "data.augment": "random-crop augmentation of training images (false: the eval transform)",
+    "data.aug_cfg": "null or open_clip's AugmentationCfg keys for the train transform (scale, ratio, color_jitter, "
+    'color_jitter_prob, gray_scale_prob, re_prob, re_count, use_timm), e.g. {"scale": [0.4, 1.0]}',
     "data.max_bad_fraction": "stop when more than this fraction of read samples is bad (corrupt, undecodable, ...)",
     "model.config": "open_clip model name (RN50, ViT-B-32, fastclip-tiny, fastclip-micro) or a model-config JSON",
+    "model.pretrained": "starting weights from a local file: a fastclip-ds export, open_clip_train's epoch_*.pt or an "
+    "open_clip .bin/.safetensors (keys and shapes must fit the model)",
+    "model.force_quick_gelu": "QuickGELU activations (OpenCLIP's --force-quick-gelu; OpenAI's weights need it)",
+    "model.image_size": "override the model's image size (OpenCLIP's --force-image-size); null: the config's",
+    "model.lock_image": "LiT: freeze the image tower (OpenCLIP's --lock-image); frozen weights get no optimizer state",
+    "model.lock_image_unlocked_groups": "leave the last N layer groups of a locked image tower trainable",
+    "model.lock_image_freeze_bn_stats": "freeze the BatchNorm statistics of a locked image tower (ResNet/timm)",
+    "model.lock_text": "freeze the text tower (OpenCLIP's --lock-text)",
+    "model.lock_text_unlocked_layers": "leave the last N layers of a locked text tower trainable",
+    "model.lock_text_freeze_layer_norm": "freeze a locked text tower's LayerNorms too (false: HF text towers only)",
+    "model.grad_checkpointing": "recompute both towers' activations in backward (open_clip's set_grad_checkpointing; "
+    "OpenCLIP's --grad-checkpointing): less memory, one more forward of each block",
     "loss.name": "openclip | sogclr | isogclr | fastclip_v0 | fastclip_v1 | fastclip_v2 | fastclip_v3",
     "loss.impl": "similarity kernels: auto (triton on CUDA, else chunked) | triton | chunked | dense",
     "loss.temperature": "initial τ (global, or every per-sample τ for fastclip_v2/isogclr)",
@@ -399,8 +483,6 @@ KEY_HELP: dict[str, str] = {
     "loss.tau_beta1": "per-sample τ Adam β1 (fastclip_v2, isogclr)",
     "loss.tau_beta2": "per-sample τ Adam β2",
     "loss.tau_eps": "per-sample τ Adam ε",
-    "model.grad_checkpointing": "recompute both towers' activations in backward (open_clip's set_grad_checkpointing; "
-    "OpenCLIP's --grad-checkpointing): less memory, one more forward of each block",
     "optimizer.name": "adamw | lamb | lion | sgd (torch implementations, any ZeRO stage)",
     "optimizer.betas": "[β1, β2] of adamw / lamb / lion",
     "optimizer.eps": "ε of adamw / lamb",
@@ -423,6 +505,10 @@ KEY_HELP: dict[str, str] = {
     "train.log_every_steps": "log metrics every N steps",
     "train.max_nonfinite_steps": "abort after this many non-finite (skipped) steps in a row",
     "train.collective_timeout_s": "a rank that waits this long on a collective exits with an error",
+    "train.init_from": "run directory whose latest complete checkpoint gives the starting weights (not its optimizer "
+    "or data position: a new run)",
+    "train.wandb_project": "log metrics to this wandb project (needs the wandb extra); null: no wandb",
+    "train.wandb_mode": "online | offline (offline writes RUN_DIR/wandb/ without network; wandb sync uploads it)",
     "eval.data": "zero-shot / retrieval split: CLIP_benchmark's wds layout (DIR/test/nshards.txt) or, for "
     "classification, an ImageNet-style folder (DIR/val/<class>/<image>, class i = i-th sorted folder, with "
     "DIR/classnames.txt and DIR/zeroshot_classification_templates.txt); picked by what DIR holds; auto: the digits "

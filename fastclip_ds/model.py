@@ -7,14 +7,19 @@ configs shipped in ``fastclip_ds/model_configs/``) or a path to an open_clip mod
 open_clip creates ``logit_scale`` (and ``logit_bias``) as 0-dim parameters, which DeepSpeed 0.19.8 cannot
 broadcast; models built here hold them as ``[1]`` tensors. :func:`to_open_clip_state_dict` and
 :func:`from_open_clip_state_dict` convert state dicts between the two layouts.
+
+:func:`build_model` makes a run's model from its config: open_clip's overrides (``force_quick_gelu``, image size,
+augmentation), starting weights (``model.pretrained``: a local checkpoint file; ``train.init_from``: another run's
+latest complete checkpoint) and LiT locking with open_clip's ``lock_image_tower`` / ``lock_text_tower``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -79,15 +84,26 @@ def resolve_model_config(spec: str) -> tuple[str, dict]:
     return name, config
 
 
-def create_model(spec: str, *, init_temperature: float | None = None, seed: int | None = None) -> ModelBundle:
+def create_model(
+    spec: str,
+    *,
+    init_temperature: float | None = None,
+    seed: int | None = None,
+    force_quick_gelu: bool = False,
+    image_size: int | None = None,
+    aug_cfg: dict | None = None,
+) -> ModelBundle:
     """Build a randomly initialised open_clip model (``output_dict=True``) with its transforms and tokenizer.
 
     ``init_temperature`` τ sets ``logit_scale = log(1/τ)``; ``seed`` makes the initialisation reproducible
-    without touching the global RNG state.
+    without touching the global RNG state. ``force_quick_gelu`` and ``image_size`` are open_clip's
+    ``force_quick_gelu`` / ``force_image_size`` (``config`` then holds the model actually built); ``aug_cfg``
+    holds open_clip ``AugmentationCfg`` fields for the train transform.
     """
     name, config = resolve_model_config(spec)
     open_clip = open_clip_with_configs()
-    kwargs = {}
+    kwargs = _overrides(force_quick_gelu, image_size)
+    config = _overridden_config(config, force_quick_gelu, image_size)
     if init_temperature is not None:
         if not init_temperature > 0:
             raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
@@ -104,7 +120,7 @@ def create_model(spec: str, *, init_temperature: float | None = None, seed: int 
     pp["image_size"] = pp.pop("size")
     return ModelBundle(
         model=model,
-        train_transform=open_clip.image_transform(is_train=True, **pp),
+        train_transform=open_clip.image_transform(is_train=True, aug_cfg=aug_cfg, **pp),
         eval_transform=open_clip.image_transform(is_train=False, **pp),
         tokenizer=open_clip.get_tokenizer(name),
         name=name,
@@ -120,3 +136,130 @@ def to_open_clip_state_dict(sd: dict) -> dict:
 def from_open_clip_state_dict(sd: dict) -> dict:
     """Reshape open_clip's 0-dim top-level scalars to the ``[1]`` shape used by :func:`create_model`."""
     return {k: v.reshape(1) if k in SCALAR_KEYS and v.dim() == 0 else v for k, v in sd.items()}
+
+
+def _overrides(force_quick_gelu: bool, image_size: int | None) -> dict:
+    """open_clip ``create_model`` keyword arguments of the model overrides."""
+    return {"force_quick_gelu": force_quick_gelu, "force_image_size": image_size}
+
+
+def _overridden_config(config: dict, force_quick_gelu: bool, image_size: int | None) -> dict:
+    """The model config open_clip builds under the overrides (what an export must describe)."""
+    config = json.loads(json.dumps(config))
+    if force_quick_gelu:
+        config["quick_gelu"] = True
+    if image_size is not None:
+        config["vision_cfg"]["image_size"] = image_size
+    return config
+
+
+def augmentation_keys() -> tuple[str, ...]:
+    """The fields of open_clip's ``AugmentationCfg`` (the keys ``data.aug_cfg`` may hold)."""
+    return tuple(f.name for f in dataclasses.fields(open_clip_with_configs().AugmentationCfg))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a local checkpoint file: a ``fastclip-ds export``, ``open_clip_train``'s ``epoch_*.pt``
+    (``state_dict`` with ``module.`` prefixes) or an open_clip ``.bin`` / ``.safetensors``; scalars as ``[1]``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        sd = open_clip_with_configs().factory.load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # torch / safetensors raise many types for a file that is not a checkpoint
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return from_open_clip_state_dict(sd)
+
+
+def fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``sd`` with position embeddings resized to ``model`` (as open_clip does); a one-line ValueError naming the
+    first mismatching keys when anything else differs (missing or unexpected keys, shapes)."""
+    open_clip = open_clip_with_configs()
+    sd = dict(sd)
+    for resize in (open_clip.model.resize_pos_embed, open_clip.model.resize_text_pos_embed):
+        with contextlib.suppress(AssertionError, RuntimeError):  # not resizable: reported as a mismatch below
+            resize(sd, model)
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in own]
+    problems += [
+        f"{k} is {list(sd[k].shape)}, model has {list(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if problems:
+        raise ValueError(f"{source} does not fit the model: {len(problems)} mismatch(es): {'; '.join(problems[:3])}")
+    return sd
+
+
+def lock_towers(model: torch.nn.Module, cfg: Mapping) -> None:
+    """LiT with open_clip's meanings: ``lock_image`` / ``lock_text`` of the ``model`` section (``requires_grad``
+    off, so :func:`fastclip_ds.optim.param_groups` leaves those parameters out of the optimizer)."""
+    if cfg["lock_image"]:
+        model.lock_image_tower(
+            unlocked_groups=cfg["lock_image_unlocked_groups"], freeze_bn_stats=cfg["lock_image_freeze_bn_stats"]
+        )
+    if cfg["lock_text"]:
+        try:
+            model.lock_text_tower(
+                unlocked_layers=cfg["lock_text_unlocked_layers"], freeze_layer_norm=cfg["lock_text_freeze_layer_norm"]
+            )
+        except AssertionError as err:  # open_clip's CLIP cannot leave the text LayerNorms trainable
+            raise ValueError(f"model.lock_text_freeze_layer_norm: {err}") from None
+
+
+def check_model(cfg: Mapping) -> None:
+    """Build the run's model on the meta device (no memory, no compute) with its overrides, ``model.pretrained``
+    and locking: a mismatch is a one-line ValueError ``"model.<key>: ..."`` before any process group."""
+    m = cfg["model"]
+    name, _ = resolve_model_config(m["config"])
+    open_clip = open_clip_with_configs()
+    with torch.device("meta"):
+        model = open_clip.create_model(
+            name, nonscalar_logit_scale=True, device="meta", **_overrides(m["force_quick_gelu"], m["image_size"])
+        )
+    if m["pretrained"]:
+        try:
+            fit_state_dict(model, read_checkpoint(m["pretrained"]), m["pretrained"])
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model.pretrained: {err}") from None
+    lock_towers(model, m)
+    try:
+        open_clip.image_transform(model.visual.preprocess_cfg["size"], is_train=True, aug_cfg=cfg["data"]["aug_cfg"])
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"data.aug_cfg: open_clip rejects it ({type(err).__name__}: {err})") from None
+
+
+def starting_weights(pretrained: str | None, init_from: str | None) -> tuple[dict[str, torch.Tensor], str] | None:
+    """``(state dict, source)`` of ``model.pretrained`` (a file) or ``train.init_from`` (a run directory: its latest
+    complete checkpoint, any ZeRO stage, without optimizer or data position); None for neither."""
+    if pretrained:
+        return read_checkpoint(pretrained), f"model.pretrained {pretrained}"
+    if init_from:
+        from .export import consolidate  # export imports this module
+
+        sd, _ = consolidate(Path(init_from).expanduser() / "checkpoints")
+        return from_open_clip_state_dict(sd), f"train.init_from {init_from}"
+    return None
+
+
+def build_model(cfg: Mapping) -> ModelBundle:
+    """The run's model from its config sections (``model``, ``data.aug_cfg``, ``loss.temperature``, ``train.seed``,
+    ``train.init_from``): random init, then the starting weights, then LiT locking."""
+    m, init_from = cfg["model"], cfg["train"]["init_from"]
+    bundle = create_model(
+        m["config"],
+        init_temperature=cfg["loss"]["temperature"],
+        seed=cfg["train"]["seed"],
+        force_quick_gelu=m["force_quick_gelu"],
+        image_size=m["image_size"],
+        aug_cfg=cfg["data"]["aug_cfg"],
+    )
+    start = starting_weights(m["pretrained"], init_from)
+    if start is not None:
+        bundle.model.load_state_dict(fit_state_dict(bundle.model, *start))
+    lock_towers(bundle.model, m)
+    return bundle

@@ -62,9 +62,10 @@ from .engine import (
     steps_guarded_by_deepspeed,
 )
 from .eval import evaluate as evaluate_split
+from .logs import RunLog, progress, start_wandb
 from .losses import build_loss
 from .metrics import MetricsLogger
-from .model import create_model
+from .model import build_model
 from .multiproc import free_port
 from .optim import LRSchedule, build_optimizer
 from .signals import StopRequest, agree
@@ -189,9 +190,7 @@ class Trainer:
         self.dtype = precision_dtype(ds_config)
         self.steps_per_epoch = steps_per_epoch(cfg["data"]["num_samples"], train["global_batch_size"])
         self.total_steps = total_steps(cfg)
-        self.bundle = create_model(
-            cfg["model"]["config"], init_temperature=cfg["loss"]["temperature"], seed=train["seed"]
-        )
+        self.bundle = build_model(cfg)  # random init, starting weights (model.pretrained / train.init_from), LiT
         self.bundle.model.set_grad_checkpointing(cfg["model"]["grad_checkpointing"])
         self.loss_fn = build_loss(
             cfg["loss"], dataset_size=dataset_size(cfg), steps_per_epoch=self.steps_per_epoch, lr=train["lr"]
@@ -201,7 +200,9 @@ class Trainer:
         self.loss_fn.defer_updates = True  # the u/τ write waits until the step is known to be applied
         steps = self.engine.gradient_accumulation_steps()  # train.micro_batch_size, via the DeepSpeed config
         self.accumulation = FeatureCache(self.engine, self.loss_fn, steps, self.device) if steps > 1 else None
-        self.metrics = MetricsLogger(run_dir, enabled=rank == 0)
+        wandb = rank == 0 and train["wandb_project"]
+        wandb_run = start_wandb(train["wandb_project"], train["wandb_mode"], run_dir, cfg.values) if wandb else None
+        self.metrics = MetricsLogger(run_dir, enabled=rank == 0, wandb_run=wandb_run)
         self.stop = StopRequest()
         self.pos = Position()
         self.saved_step = -1
@@ -452,6 +453,8 @@ class Trainer:
             **self.comm_bytes_per_step(steps),
         }
         self.metrics.log(self.pos.global_step, "train", row)
+        if self.rank == 0:
+            tqdm.write(progress(self.pos.global_step, self.total_steps, row))
         self.metrics.log(self.pos.global_step, "data", {"wait_ms": self.loader.take_wait_ms(), **self.loader.stats()})
 
     def _stop(self, signum: int, loader: TrainLoader) -> None:
@@ -576,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    run_log = RunLog(run_dir, rank)  # RUN_DIR/out.log: rank 0's console lines, every rank's warnings
     patch_deepspeed()
     timeout = cfg["train"]["collective_timeout_s"]
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
@@ -616,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and metrics:
         (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"eval: {summary(metrics)}  (run {run_dir})", flush=True)
+    run_log.close()
     return 0
 
 
