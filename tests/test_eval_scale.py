@@ -73,10 +73,11 @@ def test_two_ranks_score_exactly_like_one(digits_root, tmp_path):
         assert two[0][name]["metrics"] == one[name]["metrics"], name  # the same computation, so to the bit
         assert two[1][name]["metrics"] == {}, name
     assert one["digits"]["metrics"]["n"] == 397 and one["retrieval"]["metrics"]["n_images"] == 14
-    # images: the fixed batches of 50 (resp. 3) dealt round-robin; texts: 10 classes x 5 templates, 5 per rank;
-    # retrieval captions: 18 distinct, batches of 3 dealt 3 + 3
+    # images: the fixed batches of 50 (resp. 3) dealt round-robin; texts: 10 classes x T templates, 5 classes per
+    # rank; retrieval captions: 18 distinct, batches of 3 dealt 3 + 3
+    templates = len((digits_root / "eval" / "zeroshot_classification_templates.txt").read_text().splitlines())
     assert [r["digits"]["images"] for r in two] == [200, 197] and one["digits"]["images"] == 397
-    assert [r["digits"]["texts"] for r in two] == [25, 25] and one["digits"]["texts"] == 50
+    assert [r["digits"]["texts"] for r in two] == [5 * templates] * 2 and one["digits"]["texts"] == 10 * templates
     assert [r["retrieval"]["images"] for r in two] == [3 + 3 + 2, 3 + 3] and one["retrieval"]["images"] == 14
     assert [r["retrieval"]["texts"] for r in two] == [9, 9] and one["retrieval"]["texts"] == 18
     # lockstep (ZeRO-3): equal forward counts on both ranks; rank 1 runs batch 0 again and drops it

@@ -1,4 +1,4 @@
-"""Zero-shot image↔text retrieval on a CLIP_benchmark-style webdataset split.
+"""Zero-shot image↔text retrieval on a CLIP_benchmark-style webdataset split (sharded: ``split.shard_map``).
 
 Dataset layout (CLIP_benchmark's ``wds/<name>`` retrieval sets, e.g. ``wds_flickr30k``)::
 
@@ -10,14 +10,14 @@ Metrics follow CLIP_benchmark, for k in (1, 5, 10): ``i2t_r{k}`` (image→text, 
 highest-scoring captions; ``t2i_r{k}`` (text→image, ``image_retrieval_recall@k``): the fraction of captions whose
 image is among the k highest-scoring images. Scores are cosine similarities. Also ``n_images``, ``n_texts``.
 
-Identical inputs score identically (the rule that makes the numbers independent of the batch size and the CPU):
-each distinct caption (by its token ids) and each distinct image (by its preprocessed pixels) is encoded once per
-split, and every sample's scores are read from the distinct inputs' score matrix, so repeated captions or images
-tie bit for bit; a tie counts in the query's favour: a positive at score s is within the top k when fewer than k
-candidates score strictly above s (CLIP_benchmark's ``topk`` breaks ties arbitrarily, so repeated captions such
-as class templates would otherwise rank by float32 rounding noise, which differs between batch compositions and
-CPUs). Distinct inputs whose cosines differ by less than float32 rounding (about 1e-6) can still rank differently
-on another machine, as with any float metric.
+Identical inputs score identically (the rule that makes the numbers independent of the batch size, the world size
+and the CPU): each distinct caption (by its token ids) is encoded once per split and each distinct image (by its
+preprocessed pixels) takes the feature of its first sample, and every sample's scores are read from the distinct
+inputs' score matrix, so repeated captions or images tie bit for bit; a tie counts in the query's favour: a
+positive at score s is within the top k when fewer than k candidates score strictly above s (CLIP_benchmark's
+``topk`` breaks ties arbitrarily, so repeated captions such as class templates would otherwise rank by float32
+rounding noise, which differs between batch compositions and CPUs). Distinct inputs whose cosines differ by less
+than float32 rounding (about 1e-6) can still rank differently on another machine, as with any float metric.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def retrieval_eval(
     num_workers: int = 0,
     lockstep: bool = False,
 ) -> dict[str, float]:
-    """Image↔text R@1/5/10 of ``model`` on ``root``'s retrieval test split (model mode restored); each distinct
-    image and caption is encoded once (see the module docstring)."""
+    """Image↔text R@1/5/10 of ``model`` on ``root``'s retrieval test split (model mode restored), on rank 0 ({} on
+    the other ranks, which encode their share); one feature per distinct image and caption (module docstring)."""
     split = read_retrieval_split(root)
     if not len(split):
         raise ValueError(f"{WHAT}: no samples in {root}/test")
