@@ -248,8 +248,11 @@ class Trainer:
 
     def tau(self) -> float:
         """The global τ = exp(−logit_scale) the model holds now. DeepSpeed steps the LR schedule right after the
-        optimizer, so ``step_thresh`` reads the τ just updated (and clamped), as FastCLIP's code does."""
-        return math.exp(-self.bundle.model.logit_scale.detach().item())
+        optimizer, so ``step_thresh`` reads the τ just updated (and clamped), as FastCLIP's code does. ZeRO-3 holds
+        the parameter partitioned while it loads a universal checkpoint (and calls the schedule): gathered then."""
+        logit_scale = self.bundle.model.logit_scale
+        with comm.gathered_parameters([logit_scale]):
+            return math.exp(-logit_scale.detach().item())
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> str:
