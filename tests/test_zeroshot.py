@@ -128,6 +128,9 @@ def test_bad_splits(tmp_path):
     root = write_split(tmp_path / "empty", ["a", "b"], ["{c}"], [], 1)
     with pytest.raises(ValueError, match="no samples"):
         zeroshot_eval(stub, stub.tokenize, pixel_id, root)
+    root = write_split(tmp_path / "not-int", ["a", "b"], ["{c}"], ["one"], 1)
+    with pytest.raises(ValueError, match=r"0\.tar: sample 's0000': label 'one' is not an integer"):
+        read_split(root)
     root = write_split(tmp_path / "label", ["a", "b"], ["{c}"], [0, 1, 2], 1)
     with pytest.raises(ValueError, match=r"label 2 outside 0\.\.1"):
         zeroshot_eval(stub, stub.tokenize, pixel_id, root)

@@ -35,7 +35,6 @@ from .. import comm
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # wds members, in order of preference
 FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")  # ImageFolder's
-LAYOUTS = ("wds", "folder")
 _KEY_EXT = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")  # webdataset's KEY.EXT split of a member name
 
 
@@ -44,8 +43,6 @@ class Split:
     """The samples of an eval split: where each image lies, and its label (classification) or captions
     (retrieval)."""
 
-    root: Path
-    layout: str
     images: list[tuple[str, int, int]] = field(default_factory=list)  # (file, byte offset, size; -1: whole file)
     labels: list[int] = field(default_factory=list)
     captions: list[list[str]] = field(default_factory=list)
@@ -104,6 +101,8 @@ def _read_shard(shard: str, target: str, split: Split, what: str) -> None:
             split.images.append((shard, image.offset_data, image.size))
             text = tar.extractfile(members[target]).read().decode()
             if target == "cls":
+                if not text.strip().lstrip("-").isdigit():
+                    raise ValueError(f"{what}: {shard}: sample {key!r}: label {text!r} is not an integer")
                 split.labels.append(int(text))
             else:
                 split.captions.append([c.strip() for c in text.splitlines() if c.strip()])
@@ -111,7 +110,7 @@ def _read_shard(shard: str, target: str, split: Split, what: str) -> None:
 
 def read_wds(root: Path, target: str, what: str) -> Split:
     """The wds split at ``root``; ``target`` is ``cls`` (classification) or ``txt`` (retrieval)."""
-    split = Split(Path(root), "wds")
+    split = Split()
     for shard in split_shards(root, what):
         _read_shard(shard, target, split, what)
     return split
@@ -123,7 +122,7 @@ def read_folder(root: Path, num_classes: int, what: str) -> Split:
     classes = sorted(p for p in val.iterdir() if p.is_dir())
     if len(classes) != num_classes:
         raise ValueError(f"{what}: {val} has {len(classes)} class folders but classnames.txt names {num_classes}")
-    split = Split(Path(root), "folder")
+    split = Split()
     for label, folder in enumerate(classes):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FOLDER_EXTS and p.is_file())
         split.images += [(str(p), 0, -1) for p in files]
