@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fastclip_ds import checkpoint
-from fastclip_ds.model import open_clip_with_configs, resolve_model_config, to_open_clip_state_dict
+from fastclip_ds.model import open_clip_with_configs, run_model, to_open_clip_state_dict
 
 LOAD_HELP = (
     "load with open_clip: open_clip.add_model_config('{json}'); "
@@ -62,15 +62,14 @@ def export_checkpoint(run_dir: Path, out: Path, tag: str = checkpoint.LATEST) ->
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: no config.json")
-    try:
-        spec = json.loads(config_path.read_text())["model"]["config"]
+    try:  # the model as trained: model.force_quick_gelu / model.image_size included
+        name, model_config, overrides = run_model(json.loads(config_path.read_text())["model"])
     except (KeyError, TypeError):
         raise ValueError(f"{config_path}: missing key model.config (the model spec)") from None
-    name, model_config = resolve_model_config(spec)
     sd, meta = consolidate(run_dir / "checkpoints", tag)
     sd = to_open_clip_state_dict(sd)
     # check against open_clip's own layout here rather than at load time
-    expected = {k: v.shape for k, v in open_clip_with_configs().create_model(name).state_dict().items()}
+    expected = {k: v.shape for k, v in open_clip_with_configs().create_model(name, **overrides).state_dict().items()}
     wrong = sorted(k for k in expected.keys() | sd.keys() if k not in sd or expected.get(k) != sd[k].shape)
     if wrong:
         raise ValueError(f"checkpoint does not match open_clip model {name!r} at {len(wrong)} key(s), e.g. {wrong[:3]}")

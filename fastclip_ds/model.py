@@ -153,6 +153,14 @@ def _overridden_config(config: dict, force_quick_gelu: bool, image_size: int | N
     return config
 
 
+def run_model(model_cfg: Mapping) -> tuple[str, dict, dict]:
+    """``(open_clip name, model config as built, open_clip create_model overrides)`` of a run config's ``model``
+    section (``force_quick_gelu`` / ``image_size`` absent, as in older runs: off)."""
+    name, config = resolve_model_config(model_cfg["config"])
+    quick, size = model_cfg.get("force_quick_gelu", False), model_cfg.get("image_size")
+    return name, _overridden_config(config, quick, size), _overrides(quick, size)
+
+
 def augmentation_keys() -> tuple[str, ...]:
     """The fields of open_clip's ``AugmentationCfg`` (the keys ``data.aug_cfg`` may hold)."""
     return tuple(f.name for f in dataclasses.fields(open_clip_with_configs().AugmentationCfg))
@@ -215,12 +223,10 @@ def check_model(cfg: Mapping) -> None:
     """Build the run's model on the meta device (no memory, no compute) with its overrides, ``model.pretrained``
     and locking: a mismatch is a one-line ValueError ``"model.<key>: ..."`` before any process group."""
     m = cfg["model"]
-    name, _ = resolve_model_config(m["config"])
+    name, _, overrides = run_model(m)
     open_clip = open_clip_with_configs()
     with torch.device("meta"):
-        model = open_clip.create_model(
-            name, nonscalar_logit_scale=True, device="meta", **_overrides(m["force_quick_gelu"], m["image_size"])
-        )
+        model = open_clip.create_model(name, nonscalar_logit_scale=True, device="meta", **overrides)
     if m["pretrained"]:
         try:
             fit_state_dict(model, read_checkpoint(m["pretrained"]), m["pretrained"])

@@ -40,8 +40,9 @@ def run_args(root: Path, out: Path, steps: int, *sets: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def exported(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    """A 20-step digits run (fastclip-micro, OpenCLIP loss, ZeRO-2 fp32), its export, and the export's own evaluation: open_clip loads it as the
-    export's docstring says, and the project's eval code scores it at batch size 64."""
+    """A 20-step digits run (fastclip-micro, OpenCLIP loss, ZeRO-2 fp32), its export, and the export's own
+    evaluation: open_clip loads it as the export's docstring says, and the project's eval code scores it at batch
+    size 64."""
     tmp = tmp_path_factory.mktemp("finetune")
     run_dir = tmp / "run_a"
     cmd = [sys.executable, "-m", "fastclip_ds.train", *run_args(digits_root, run_dir, 20, "eval.data=null")]
@@ -63,7 +64,7 @@ def finetune_worker(rank: int, world: int, root: str, out: str, sets: list[str],
     from fastclip_ds.config import load_config, validate
     from fastclip_ds.engine import build_ds_config, default_ds_config
 
-    cfg = load_config(None, [*run_args(Path(root), Path(out), max(steps, 2), *sets)[1::2], "data.num_workers=0"])
+    cfg = load_config(None, [*run_args(Path(root), Path(out), max(steps, 4), *sets)[1::2], "data.num_workers=0"])
     validate(cfg, world)
     ds_config = build_ds_config(default_ds_config(False), "<default>", global_batch=32, world_size=world, on_cuda=False)
     with train.Trainer(cfg, ds_config, Path(out), rank, world) as trainer:
@@ -145,10 +146,10 @@ def config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest
 def test_mismatched_checkpoint_is_a_one_line_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """A fastclip-tiny checkpoint for a fastclip-micro run, a micro one with one wrong shape, a missing file, a file that is no checkpoint, an
-    ``init_from`` without checkpoints, and both starting-weight keys: each a one-line config error naming the key
-    (and for the mismatch the first keys), exit 2 before any process group. Catches a traceback from
-    ``load_state_dict`` after minutes of startup, or a silent non-strict load."""
+    """A fastclip-tiny checkpoint for a fastclip-micro run, a micro one with one wrong shape, a missing file, a file
+    that is no checkpoint, an ``init_from`` without checkpoints, and both starting-weight keys: each a one-line config
+    error naming the key (and for the mismatch the first keys), exit 2 before any process group. Catches a traceback
+    from ``load_state_dict`` after minutes of startup, or a silent non-strict load."""
     tiny = tmp_path / "tiny.pt"
     torch.save({"state_dict": to_open_clip_state_dict(create_model("fastclip-tiny", seed=0).model.state_dict())}, tiny)
     line = config_error(tmp_path, monkeypatch, capsys, f"model.pretrained={tiny}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from fastclip_ds.config import ConfigError, check_environment, load_config, validate
-from fastclip_ds.model import build_model, open_clip_with_configs
+from fastclip_ds.model import build_model, open_clip_with_configs, run_model
 
 MEAN, STD = open_clip_with_configs().OPENAI_DATASET_MEAN, open_clip_with_configs().OPENAI_DATASET_STD
 
@@ -78,3 +79,23 @@ def test_bad_aug_cfg_and_image_size_are_config_errors(tmp_path: Path) -> None:
             validate(cfg, 1)
             check_environment(cfg)
         assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_export_config_describes_the_overridden_model(tmp_path: Path) -> None:
+    """What ``fastclip-ds export`` writes as ``model.json`` (:func:`run_model` of the run's model section): open_clip
+    builds from it, with no overrides, a model of the trained one's structure (QuickGELU, 24-px grid) and the same
+    state-dict shapes; a run config without the override keys (older runs) gives the plain model. Catches an export
+    whose JSON silently loads GELU (wrong outputs) or the config's image size (shape mismatch)."""
+    oc = open_clip_with_configs()
+    trained = bundle("model.force_quick_gelu=true", "model.image_size=24").model
+    name, config, overrides = run_model({"config": "fastclip-micro", "force_quick_gelu": True, "image_size": 24})
+    assert name == "fastclip-micro" and overrides == {"force_quick_gelu": True, "force_image_size": 24}
+    (tmp_path / "exported_micro.json").write_text(json.dumps(config))
+    oc.add_model_config(tmp_path / "exported_micro.json")
+    loaded = oc.create_model("exported_micro", nonscalar_logit_scale=True)
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in trained.state_dict().items()}
+    assert any(isinstance(m, oc.model.QuickGELU) for m in loaded.modules())
+    assert run_model({"config": "fastclip-micro"})[1:] == (
+        oc.get_model_config("fastclip-micro"),
+        {"force_quick_gelu": False, "force_image_size": None},
+    )
