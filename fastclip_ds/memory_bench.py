@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -28,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .multiproc import free_port
+
 FIELDS = ("loss", "micro_batch", "accumulation", "checkpointing", "peak_mb", "start_mb", "step_s", "samples_per_s")
 
 
@@ -38,8 +42,25 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure(loss: str, model: str, global_batch: int, micro_batch: int, checkpointing: bool) -> dict[str, Any]:
-    """One setting in this process (world size 1): the measured step's peak and start memory (MB) and its time."""
+def _release_free_memory() -> None:
+    """Hand glibc's free heap memory back to the OS, so the next step's growth starts from what is really in use."""
+    gc.collect()
+    if not torch.cuda.is_available():
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _step(trainer: Any, batch: int, size: int, context: int) -> None:
+    gen = torch.Generator().manual_seed(batch)
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    tokens = torch.randint(1, 1000, (batch, context), generator=gen)
+    trainer.train_step(images, tokens, torch.arange(batch))
+
+
+def measure(
+    loss: str, model: str, global_batch: int, micro_batches: list[int], checkpointing: bool
+) -> list[dict[str, Any]]:
+    """One (loss, checkpointing) group in this process (world size 1), micro-batches smallest first: per setting the
+    measured step's peak growth and start memory (MB) and its time."""
     import deepspeed
 
     from . import train
@@ -51,59 +72,70 @@ def measure(loss: str, model: str, global_batch: int, micro_batch: int, checkpoi
     patch_deepspeed()
     on_cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", verbose=False)
-    sets = [f"loss.name={loss}", f"model.config={model}", f"train.global_batch_size={global_batch}", "eval.data=null"]
-    sets += [f"train.micro_batch_size={micro_batch}", f"model.grad_checkpointing={json.dumps(checkpointing)}"]
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(None, [*sets, f"train.output_dir={run_dir}"])
-        validate(cfg, 1)
-        check_environment(cfg)
-        user, source = load_ds_config(None, on_cuda)
-        ds_config = build_ds_config(
-            user, source, global_batch=global_batch, world_size=1, on_cuda=on_cuda, micro_batch=micro_batch
+    rows = []
+    for micro in sorted(micro_batches):
+        sets = [f"loss.name={loss}", f"model.config={model}", f"train.global_batch_size={global_batch}"]
+        sets += ["eval.data=null", "train.warmup_steps=0"]  # a big batch on the digits demo is a run of few steps
+        sets += [f"train.micro_batch_size={micro}", f"model.grad_checkpointing={json.dumps(checkpointing)}"]
+        with tempfile.TemporaryDirectory() as run_dir:
+            cfg = load_config(None, [*sets, f"train.output_dir={run_dir}"])
+            validate(cfg, 1)
+            check_environment(cfg)
+            user, source = load_ds_config(None, on_cuda)
+            ds_config = build_ds_config(
+                user, source, global_batch=global_batch, world_size=1, on_cuda=on_cuda, micro_batch=micro
+            )
+            with train.Trainer(cfg, ds_config, Path(run_dir), 0, 1) as trainer:
+                size = trainer.bundle.config["vision_cfg"]["image_size"]
+                context = trainer.bundle.config["text_cfg"]["context_length"]
+                accumulation = global_batch // micro
+                _step(trainer, 2 * accumulation, size, context)  # warm-up: gradients, optimizer state allocated
+                _release_free_memory()
+                if on_cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    start = torch.cuda.memory_allocated()
+                else:
+                    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+                    start = _status_kb("VmRSS") * 1024
+                began = time.perf_counter()
+                _step(trainer, global_batch, size, context)
+                if on_cuda:
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - began
+                peak = torch.cuda.max_memory_allocated() if on_cuda else _status_kb("VmHWM") * 1024
+        rows.append(
+            {
+                "loss": loss,
+                "micro_batch": micro,
+                "accumulation": accumulation,
+                "checkpointing": checkpointing,
+                "peak_mb": (peak - start) / 2**20,
+                "start_mb": start / 2**20,
+                "step_s": seconds,
+                "samples_per_s": global_batch / seconds,
+            }
         )
-        with train.Trainer(cfg, ds_config, Path(run_dir), 0, 1) as trainer:
-            size, context = trainer.bundle.config["vision_cfg"]["image_size"], trainer.bundle.config["text_cfg"]
-            gen = torch.Generator().manual_seed(0)
-            images = torch.randn(global_batch, 3, size, size, generator=gen)
-            tokens = torch.randint(1, 1000, (global_batch, context["context_length"]), generator=gen)
-            keys = torch.arange(global_batch)
-            trainer.train_step(images, tokens, keys)  # warm-up: gradients and optimizer state allocated
-            if on_cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start = torch.cuda.memory_allocated()
-            else:
-                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-                start = _status_kb("VmRSS") * 1024
-            began = time.perf_counter()
-            trainer.train_step(images, tokens, keys)
-            if on_cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - began
-            peak = torch.cuda.max_memory_allocated() if on_cuda else _status_kb("VmHWM") * 1024
-    return {
-        "loss": loss,
-        "micro_batch": micro_batch,
-        "accumulation": global_batch // micro_batch,
-        "checkpointing": checkpointing,
-        "peak_mb": (peak - start) / 2**20,
-        "start_mb": start / 2**20,
-        "step_s": seconds,
-        "samples_per_s": global_batch / seconds,
-    }
+        del trainer
+        _release_free_memory()
+    return rows
 
 
-def run_setting(loss: str, model: str, global_batch: int, micro_batch: int, checkpointing: bool) -> dict[str, Any]:
-    """:func:`measure` in a fresh process (so no setting inherits another's allocator state)."""
-    spec = json.dumps([loss, model, global_batch, micro_batch, checkpointing])
+def run_group(loss: str, model: str, global_batch: int, micro_batches: list[int], checkpointing: bool) -> Any:
+    """:func:`measure` in a fresh process (no group inherits another's allocator state); returns the process."""
+    spec = json.dumps([loss, model, global_batch, micro_batches, checkpointing])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "PYTHONWARNINGS": "ignore"}
+    env.update(MASTER_PORT=str(free_port()))
     env.pop("RANK", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastclip_ds.memory_bench", "--one", spec], env=env, capture_output=True, text=True
-    )
+    cmd = [sys.executable, "-m", "fastclip_ds.memory_bench", "--one", spec]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def collect(proc: Any) -> list[dict[str, Any]]:
+    out, err = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"bench-memory setting {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"bench-memory {proc.args[-1]} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -165,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8], help="micro-batch = global batch / split")
     p.add_argument("--losses", nargs="+", default=["openclip", "fastclip_v3"])
     p.add_argument("--out", default="bench_memory", help="directory for memory.csv, memory.md, memory.png")
+    p.add_argument("--jobs", type=int, default=2, help="(loss, checkpointing) groups measured at the same time")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one setting, as JSON, in this process
     args = p.parse_args(argv)
     if args.one:
@@ -173,12 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in args.splits if s < 1 or args.global_batch % s]
     if bad:
         p.error(f"--splits {bad[0]} does not divide --global-batch {args.global_batch}")
-    rows = []
-    for loss in args.losses:
-        for ckpt in (False, True):
-            for split in args.splits:
-                rows.append(run_setting(loss, args.model, args.global_batch, args.global_batch // split, ckpt))
-                print(json.dumps(rows[-1]), flush=True)
+    micro_batches = [args.global_batch // split for split in args.splits]
+    groups = [(loss, ckpt) for loss in args.losses for ckpt in (False, True)]
+    rows: list[dict[str, Any]] = []
+    for i in range(0, len(groups), args.jobs):  # ``--jobs`` groups at a time: memory is per process
+        procs = [
+            run_group(loss, args.model, args.global_batch, micro_batches, ckpt)
+            for loss, ckpt in groups[i : i + args.jobs]
+        ]
+        for proc in procs:
+            rows.extend(collect(proc))
+            print(json.dumps(rows[-len(micro_batches) :]), flush=True)
+    rows.sort(key=lambda r: (args.losses.index(r["loss"]), r["checkpointing"], -r["micro_batch"]))
     add_ratios(rows)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     out = Path(args.out)
