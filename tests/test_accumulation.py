@@ -44,6 +44,14 @@ def make_trainer(root: str, out: str, loss: str, micro: int | None, ds_name: str
     return train.Trainer(cfg, ds_config, Path(out) / f"{loss}_{micro}", rank, world)
 
 
+def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full copies of the parameters (gathered under ZeRO-3)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
 def engine_worker(rank: int, world: int, root: str, out: str, losses: list[str], micros: list, ds_name: str):
     """Per loss and micro-batch (None: no accumulation) a Trainer on a real DeepSpeed engine takes two steps.
     Returns, per (loss, micro), the parameter update, this rank's loss-state table and DeepSpeed's gas."""
@@ -51,15 +59,15 @@ def engine_worker(rank: int, world: int, root: str, out: str, losses: list[str],
     for loss in losses:
         for micro in micros:
             with make_trainer(root, out, loss, micro, ds_name, world, rank) as trainer:
-                before = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+                before = weights_of(trainer.engine.module)
                 for step, (images, tokens, keys) in enumerate(trainer.open_loader()):
                     assert trainer.train_step(images, tokens, keys).outcome == train.APPLIED
                     if step == 1:
                         break
-                after = trainer.engine.module.state_dict()
+                after = weights_of(trainer.engine.module)
                 state = getattr(trainer.loss_fn, "state", None)
                 found[loss, micro] = {
-                    "update": {k: after[k].detach() - before[k] for k in before},
+                    "update": {k: after[k] - before[k] for k in before},
                     "state": None if state is None else state.table.clone(),
                     "gas": trainer.engine.gradient_accumulation_steps(),
                 }
@@ -249,6 +257,22 @@ def test_sigkill_and_resume_with_accumulation_is_bit_identical(digits_root: Path
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     u, u_ref = loss_table(out / "checkpoints" / "step00000006"), loss_table(ref / "checkpoints" / "step00000006")
     assert torch.isfinite(u_ref).any() and torch.equal(u, u_ref)
+
+
+@pytest.mark.parametrize("ds_config", ["cpu_zero0_fp32", "cpu_zero2_fp32"])
+def test_nonfinite_steps_are_skipped_with_accumulation(digits_root: Path, tmp_path: Path, ds_config: str) -> None:
+    """Accumulation 2, a NaN loss at step 2 and a NaN gradient (finite loss) at step 3: both steps are skipped
+    (the NaN loss before pass 2, the NaN gradient by our check at ZeRO-0 / DeepSpeed's at ZeRO-2), the run goes on
+    and ends with finite weights. Catches pass 2 run on a non-finite loss or an optimizer step taken on NaN
+    gradients accumulated over the micro-batches."""
+    for fault in ("nan:2", "nangrad:3"):
+        out = tmp_path / fault.replace(":", "")
+        accum = ["--set", "train.micro_batch_size=16", "--set", "train.max_steps=3"]
+        proc = launch(tmp_path, 1, small_run(digits_root, out, *FASTCLIP, *ds(ds_config), *accum), fault)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts = [x["nonfinite_steps"] for x in metrics(out, "train")]
+        assert counts == ([0, 1, 1] if fault == "nan:2" else [0, 0, 1])
+        assert all(torch.isfinite(v).all() for v in weights(out, "step00000003", tmp_path).values())
 
 
 def test_micro_batch_that_does_not_divide_is_a_one_line_config_error(tmp_path: Path) -> None:
