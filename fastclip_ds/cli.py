@@ -13,11 +13,12 @@ COMMANDS = {
     "bench": ("fastclip_kernels.bench", "micro-benchmark of the loss kernels against open_clip's ClipLoss"),
     "comm-bench": ("fastclip_ds.comm_bench", "bytes per step of each collective: openclip vs fastclip losses"),
     "bench-memory": ("fastclip_ds.memory_bench", "peak memory and samples/s of a step vs micro-batch, checkpointing"),
+    "bench-data": ("fastclip_ds.data_bench", "train loader vs open_clip_train's webdataset pipeline; IO amplification"),
 }
 
 USAGE = (
     "usage: fastclip-ds COMMAND [ARGS...]   (fastclip-ds COMMAND --help for its options)\n\ncommands:\n"
-    + "\n".join(f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items())
+    + "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items())
 )
 
 

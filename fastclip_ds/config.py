@@ -94,10 +94,13 @@ def default_config() -> dict[str, Any]:
             "num_samples": digits.NUM_TRAIN,
             "dataset_size": None,
             "split": "streams",
-            "streams": 8,
+            "streams": 64,
             "source_sizes": None,
             "upsampling_factors": None,
             "resampled": False,
+            "csv_img_key": "filepath",
+            "csv_caption_key": "title",
+            "csv_separator": "\t",
             "num_workers": None,
             "shuffle_buffer": data.SHUFFLE_BUFFER,
             "augment": True,
@@ -274,12 +277,14 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     if not data["train"].strip():
         raise cfg.error("data.train", "empty shard pattern")
     if data["split"] == "streams":
-        from .data import expand_urls
+        from .data import parse_sources
         from .streams import stream_layout
 
         try:
-            shards = len(expand_urls(data["train"]))
+            shards = sum(len(src.urls) for src in parse_sources(data["train"], None, csv_layout=csv_layout(cfg)))
             stream_layout(data["streams"], shards, world_size, 1, batch)  # any worker count fits the family
+        except OSError as err:
+            raise cfg.error("data.train", str(err)) from None
         except ValueError as err:
             raise cfg.error("data.streams", str(err)) from None
     _validate_sources(cfg)
@@ -442,9 +447,13 @@ KEY_HELP: dict[str, str] = {
     "data.upsampling_factors": "per source, how much more often each of its shards is drawn (OpenCLIP's meaning; "
     "needs data.resampled)",
     "data.resampled": "draw shards with replacement (OpenCLIP's --dataset-resampled); an epoch is data.num_samples",
+    "data.csv_img_key": "a .csv/.tsv source: the image path column (OpenCLIP's --csv-img-key); key = row number",
+    "data.csv_caption_key": "a .csv/.tsv source: the caption column (OpenCLIP's --csv-caption-key)",
+    "data.csv_separator": "a .csv/.tsv source: the column separator (OpenCLIP's --csv-separator)",
     "data.split": "streams: each shard read once per pass and the same global batches for any world size dividing "
     "data.streams; global: same batches for any world size, every rank reads everything; rank: OpenCLIP-style",
-    "data.streams": "logical data streams (streams mode): world size must divide it, it must divide the global batch",
+    "data.streams": "logical data streams (streams mode; fewer if fewer shards): the world size must divide it and it "
+    "the global batch",
     "data.num_workers": "DataLoader workers per rank (null: from the CPUs per local rank, 1..8)",
     "data.shuffle_buffer": "samples in the shuffle buffer (streams mode: valid samples per shuffled block of a shard)",
     "data.augment": "random-crop augmentation of training images (false: the eval transform)",

@@ -42,6 +42,7 @@ from .config import (
     ConfigError,
     RunConfig,
     check_environment,
+    csv_layout,
     dataset_size,
     default_config,
     describe,
@@ -314,6 +315,7 @@ class Trainer:
             source_sizes=data["source_sizes"],
             upsampling_factors=data["upsampling_factors"],
             resampled=data["resampled"],
+            csv_layout=csv_layout(self.cfg),
         )
         return self.loader
 
