@@ -149,6 +149,15 @@ def reference(request: pytest.FixtureRequest, digits_root: Path, tmp_path_factor
     return out
 
 
+def assert_same_final_state(out: Path, reference: Path, tmp_path: Path) -> None:
+    """Steps 1..6 each logged once, and the step-6 weights and per-sample state equal ``reference``'s bit for bit."""
+    assert [x["step"] for x in metrics(out, "train")] == [1, 2, 3, 4, 5, 6]
+    ours, theirs = weights(out, "step00000006", tmp_path), weights(reference, "step00000006", tmp_path)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    u, u_ref = loss_table(out / "checkpoints" / "step00000006"), loss_table(reference / "checkpoints" / "step00000006")
+    assert torch.isfinite(u_ref).any() and torch.equal(u, u_ref)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("reference", ["cpu_zero2_fp32"], indirect=True)
 def test_sigkill_then_sigterm_then_resume_is_bit_identical(reference: Path, digits_root: Path, tmp_path: Path) -> None:
@@ -164,11 +173,7 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(reference: Path, digi
     assert not (out / "eval.json").exists()
 
     assert launch(tmp_path, 2, [*args, "--resume", "latest"]).returncode == 0
-    assert [x["step"] for x in metrics(out, "train")] == [1, 2, 3, 4, 5, 6]
-    ours, theirs = weights(out, "step00000006", tmp_path), weights(reference, "step00000006", tmp_path)
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    u, u_ref = loss_table(out / "checkpoints" / "step00000006"), loss_table(reference / "checkpoints" / "step00000006")
-    assert torch.isfinite(u_ref).any() and torch.equal(u, u_ref)
+    assert_same_final_state(out, reference, tmp_path)
 
 
 @pytest.mark.slow
