@@ -14,8 +14,14 @@ so an interrupted sweep resumes. The same command drives real data on GPUs::
         --deepspeed_config ds_configs/gpu_zero2_bf16.json --launcher deepspeed --nproc 8 --losses openclip,fastclip_v3
 
 Outputs in ``--out``: ``runs/<label>_s<seed>/`` (run dirs + ``train.log`` + ``runner.json``; ``--runs-dir`` moves
-them), ``results.csv``
-(one row per run), ``curves.csv`` (top-1 per eval step), ``summary.md`` (mean ± std over seeds), ``top1.png``.
+them), ``results.csv`` (one row per run), ``curves.csv`` (top-1 per eval step), ``summary.md`` (mean ± std over
+seeds; with a ``--reference`` label, the samples each label needs to reach the reference's final top-1), ``top1.png``.
+
+``--combine DIR...`` joins finished sweeps at different global batches (from their CSVs alone) into one table
+(per batch and label: top-1, its difference from the reference in units of the seed spread, ahead / level /
+behind, samples to reach the reference's final top-1) and one plot, ``top1_by_batch.png``::
+
+    python launchers/experiments.py --combine docs/results/sample_efficiency/b* --out docs/results/sample_efficiency
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fastclip_ds.config import ConfigError, load_config, validate
 from fastclip_ds.losses import CHOICES
@@ -96,7 +103,8 @@ def run_one(cmd: list[str], run_dir: Path, timeout: float) -> dict:
 
 
 def read_run(run_dir: Path) -> dict:
-    """Final metrics, eval curve (samples seen, top-1), wall time and median train samples/s of one run dir."""
+    """Final metrics, eval curve (samples seen, top-1), wall time, median train samples/s and global batch of one
+    run dir."""
     cfg = json.loads((run_dir / "config.json").read_text())
     batch = cfg["train"]["global_batch_size"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -108,6 +116,7 @@ def read_run(run_dir: Path) -> dict:
         "curve": [(step * batch, evals[step]["top1"]) for step in sorted(evals)],
         "wall_s": runner.get("wall_s", math.nan),
         "samples_per_s": statistics.median(speeds) if speeds else math.nan,
+        "global_batch": batch,
     }
 
 
@@ -116,8 +125,53 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(results: dict[str, dict[int, dict]]) -> tuple[list[dict], str]:
-    """Per-label mean ± std over seeds: rows (for tests and CSV) and a markdown table."""
+def mean_curve(by_seed: dict[int, dict]) -> list[tuple[int, float, float]]:
+    """(samples seen, mean top-1, std) over seeds, at the eval points every seed has."""
+    curves = [dict(r["curve"]) for r in by_seed.values()]
+    xs = sorted(set.intersection(*(set(c) for c in curves)))
+    return [(x, *mean_std([c[x] for c in curves])) for x in xs]
+
+
+def samples_to_reach(curve: list[tuple[int, float]], target: float) -> float:
+    """Samples seen when ``curve`` ((samples, top-1) pairs) first reaches ``target``, linearly interpolated between
+    the eval points around the crossing (the first point itself if it is already there); ``inf`` if never."""
+    previous = None
+    for x, y in curve:
+        if y >= target:
+            if previous is None or previous[1] == y:
+                return float(x)
+            (x0, y0) = previous
+            return x0 + (target - y0) / (y - y0) * (x - x0)
+        previous = (x, y)
+    return math.inf
+
+
+def reach_row(by_seed: dict[int, dict], target: float, reference_samples: float) -> dict:
+    """Samples the seed-mean curve needs to reach ``target``, how many times fewer than ``reference_samples``, and
+    how many single seeds reach it."""
+    samples = samples_to_reach([(x, m) for x, m, _ in mean_curve(by_seed)], target)
+    seeds = sum(samples_to_reach(r["curve"], target) < math.inf for r in by_seed.values())
+    return {"samples": samples, "fewer": reference_samples / samples, "seeds_reaching": seeds}
+
+
+def reach_cells(reach: dict, seeds: int) -> list[str]:
+    """Markdown cells of a :func:`reach_row`: samples (``never`` if the mean curve stays below), × fewer, seeds."""
+    if reach["samples"] == math.inf:
+        return ["never", "–", f"{reach['seeds_reaching']}/{seeds}"]
+    return [f"{reach['samples']:,.0f}", f"{reach['fewer']:.2f}×", f"{reach['seeds_reaching']}/{seeds}"]
+
+
+def reference_reach(results: dict[str, dict[int, dict]], reference: str) -> tuple[float, float]:
+    """The reference label's mean final top-1 and the samples its own mean curve needs to reach it."""
+    target = statistics.fmean(r["final"]["top1"] for r in results[reference].values())
+    return target, samples_to_reach([(x, m) for x, m, _ in mean_curve(results[reference])], target)
+
+
+def summarize(results: dict[str, dict[int, dict]], reference: str | None = None) -> tuple[list[dict], str]:
+    """Per-label mean ± std over seeds: rows (for tests and CSV) and a markdown table. With a ``reference`` label,
+    each row also gets :func:`reach_row` against the reference's mean final top-1."""
+    if reference is not None:
+        target, reference_samples = reference_reach(results, reference)
     rows = []
     for label, by_seed in results.items():
         runs = list(by_seed.values())
@@ -127,26 +181,72 @@ def summarize(results: dict[str, dict[int, dict]]) -> tuple[list[dict], str]:
                 row[key] = mean_std([r["final"][key] for r in runs])
         row["wall_s"] = mean_std([r["wall_s"] for r in runs])
         row["samples_per_s"] = mean_std([r["samples_per_s"] for r in runs])
+        if reference is not None:
+            row["reach"] = reach_row(by_seed, target, reference_samples)
         rows.append(row)
     keys = [k for k in METRICS if all(k in row for row in rows)]
     header = ["loss", *keys, "wall s", "train samples/s", "seeds"]
+    if reference is not None:
+        header += [f"samples to {reference}'s top-1 {target:.4f}", f"fewer than {reference}", "seeds reaching"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["label"], *(f"{row[k][0]:.4f} ± {row[k][1]:.4f}" for k in keys)]
         wall, speed = row["wall_s"], row["samples_per_s"]
         cells += [f"{wall[0]:.0f} ± {wall[1]:.0f}", f"{speed[0]:.0f}", str(row["seeds"])]
+        if reference is not None:
+            cells += reach_cells(row["reach"], row["seeds"])
         lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines) + "\n"
+
+
+def compare_batches(sweeps: dict[int, dict[str, dict[int, dict]]], reference: str) -> tuple[list[dict], str]:
+    """One row per (global batch, label): top-1 mean ± std, its difference from the reference's in units of the
+    pooled seed spread sqrt((s_ref² + s²) / 2), a verdict (ahead / behind beyond one spread, else level) and
+    :func:`reach_row`. Rows and a markdown table."""
+    header = ["global batch", "loss", "top1", f"Δ vs {reference}", "Δ / seed spread", "verdict",
+              f"samples to {reference}'s top-1", f"fewer than {reference}", "seeds reaching"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
+    for batch, results in sorted(sweeps.items()):
+        target, reference_samples = reference_reach(results, reference)
+        ref_std = mean_std([r["final"]["top1"] for r in results[reference].values()])[1]
+        for label, by_seed in results.items():
+            mean, std = mean_std([r["final"]["top1"] for r in by_seed.values()])
+            spread = math.sqrt((ref_std**2 + std**2) / 2)
+            delta = mean - target
+            in_spreads = delta / spread if spread > 0 else math.copysign(math.inf, delta) if delta else 0.0
+            verdict = "ahead" if in_spreads > 1 else "behind" if in_spreads < -1 else "level"
+            reach = reach_row(by_seed, target, reference_samples)
+            rows.append({"global_batch": batch, "label": label, "top1": (mean, std), "delta": delta,
+                         "delta_in_spreads": in_spreads, "verdict": verdict, "reach": reach})  # fmt: skip
+            cells = [str(batch), label, f"{mean:.4f} ± {std:.4f}", f"{delta:+.4f}", f"{in_spreads:+.2f}", verdict]
+            lines.append("| " + " | ".join(cells + reach_cells(reach, len(by_seed))) + " |")
+    return rows, "\n".join(lines) + "\n"
+
+
+def load_sweep(out: Path) -> dict[str, dict[int, dict]]:
+    """A finished sweep's runs, rebuilt from its ``results.csv`` and ``curves.csv`` (the run dirs are not needed)."""
+    results: dict[str, dict[int, dict]] = {}
+    with (out / "results.csv").open() as f:
+        for row in csv.DictReader(f):
+            final = {k: float(row[k]) for k in METRICS if row[k]}
+            run = {"final": final, "curve": [], "global_batch": int(row["global_batch"])}
+            results.setdefault(row["label"], {})[int(row["seed"])] = run
+    with (out / "curves.csv").open() as f:
+        for row in csv.DictReader(f):
+            results[row["label"]][int(row["seed"])]["curve"].append((int(row["samples_seen"]), float(row["top1"])))
+    return results
 
 
 def write_csvs(out: Path, results: dict[str, dict[int, dict]], labels: dict[str, str]) -> None:
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["label", "loss", "seed", *METRICS, "wall_s", "samples_per_s"])
+        w.writerow(["label", "loss", "seed", "global_batch", *METRICS, "wall_s", "samples_per_s"])
         for label, by_seed in results.items():
             for seed, r in sorted(by_seed.items()):
                 metrics = [r["final"].get(k, "") for k in METRICS]
-                w.writerow([label, labels[label], seed, *metrics, f"{r['wall_s']:.1f}", f"{r['samples_per_s']:.1f}"])
+                speed = [f"{r['wall_s']:.1f}", f"{r['samples_per_s']:.1f}"]
+                w.writerow([label, labels[label], seed, r["global_batch"], *metrics, *speed])
     with (out / "curves.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "seed", "samples_seen", "top1"])
@@ -155,28 +255,62 @@ def write_csvs(out: Path, results: dict[str, dict[int, dict]], labels: dict[str,
                 w.writerows([label, seed, samples, top1] for samples, top1 in r["curve"])
 
 
-def plot(out: Path, results: dict[str, dict[int, dict]], title: str) -> None:
-    """Mean zero-shot top-1 over seeds vs samples seen, one line per label, ±1 std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_curves(ax: Any, results: dict[str, dict[int, dict]], title: str) -> None:
+    """Mean zero-shot top-1 over seeds vs samples seen on ``ax``, one line per label, ±1 std band."""
     for label, by_seed in results.items():
-        curves = [dict(r["curve"]) for r in by_seed.values()]
-        xs = sorted(set.intersection(*(set(c) for c in curves)))
-        stats = [mean_std([c[x] for c in curves]) for x in xs]
-        mean = [m for m, _ in stats]
-        ax.plot(xs, mean, label=label, marker=".")
-        ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.15)
+        curve = mean_curve(by_seed)
+        xs, means = [x for x, _, _ in curve], [m for _, m, _ in curve]
+        ax.plot(xs, means, label=label, marker=".")
+        ax.fill_between(xs, [m - s for _, m, s in curve], [m + s for _, m, s in curve], alpha=0.15)
     ax.set_xlabel("samples seen")
     ax.set_ylabel("zero-shot top-1")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(out: Path, results: dict[str, dict[int, dict]], title: str) -> None:
+    """``top1.png``: :func:`plot_curves` of one sweep."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_curves(ax, results, title)
     fig.tight_layout()
     fig.savefig(out / "top1.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_batches(out: Path, sweeps: dict[int, dict[str, dict[int, dict]]], title: str) -> None:
+    """``top1_by_batch.png``: one :func:`plot_curves` panel per global batch and a last panel of final top-1
+    (mean ± std over seeds) against the global batch."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(sweeps) + 1, figsize=(4.2 * (len(sweeps) + 1), 4), squeeze=False)
+    for ax, (batch, results) in zip(axes[0], sorted(sweeps.items()), strict=False):
+        plot_curves(ax, results, f"global batch {batch}")
+    ax = axes[0][-1]
+    labels = list(dict.fromkeys(label for results in sweeps.values() for label in results))
+    for label in labels:
+        points = [(b, mean_std([r["final"]["top1"] for r in res[label].values()])) for b, res in sorted(sweeps.items())
+                  if label in res]  # fmt: skip
+        ax.errorbar([b for b, _ in points], [m for _, (m, _) in points], [s for _, (_, s) in points],
+                    label=label, marker="o", capsize=3)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch")
+    ax.set_ylabel("final zero-shot top-1")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "top1_by_batch.png", dpi=110)
     plt.close(fig)
 
 
@@ -198,7 +332,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed (default 3600)")
     p.add_argument("--title", default="", help="plot title (default: derived from the setup)")
     p.add_argument("--summarize-only", action="store_true", help="only rebuild the tables and plot from --out")
+    p.add_argument("--reference", help="label whose final top-1 the others must reach (default: openclip if listed)")
+    p.add_argument("--combine", nargs="+", type=Path, metavar="DIR",
+                   help="join finished sweeps (their --out dirs, one per global batch) into one table and plot "
+                        "in --out; runs nothing")  # fmt: skip
     return p
+
+
+def combine(out: Path, dirs: list[Path], reference: str, title: str) -> int:
+    """``--combine``: :func:`compare_batches` of the sweeps in ``dirs`` -> ``summary.md``, ``summary.csv``,
+    ``top1_by_batch.png`` in ``out``."""
+    sweeps: dict[int, dict[str, dict[int, dict]]] = {}
+    for d in dirs:
+        results = load_sweep(d)
+        batch = {r["global_batch"] for runs in results.values() for r in runs.values()}
+        if len(batch) != 1 or batch <= sweeps.keys() or reference not in results:
+            raise ValueError(f"--combine {d}: needs one global batch not seen before and the {reference!r} label")
+        sweeps[batch.pop()] = results
+    rows, table = compare_batches(sweeps, reference)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "summary.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["global_batch", "label", "top1_mean", "top1_std", "delta", "delta_in_spreads", "verdict",
+                    "samples_to_reach", "fewer", "seeds_reaching"])  # fmt: skip
+        for r in rows:
+            reach = r["reach"]
+            w.writerow([r["global_batch"], r["label"], *r["top1"], r["delta"], r["delta_in_spreads"], r["verdict"],
+                        reach["samples"], reach["fewer"], reach["seeds_reaching"]])  # fmt: skip
+    plot_batches(out, sweeps, title or f"final top-1 vs global batch (reference {reference})")
+    (out / "summary.md").write_text(f"{title}\n\n{table}")
+    print(table)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as err:
         parser.error(str(err))
+    reference = args.reference or ("openclip" if "openclip" in labels else None)
+    if args.combine:
+        try:
+            return combine(args.out, args.combine, reference or "openclip", args.title)
+        except (OSError, KeyError, ValueError) as err:
+            parser.error(str(err))
+    if reference is not None and reference not in labels:
+        parser.error(f"--reference {reference!r} is not one of the labels {', '.join(labels)}")
     shared = [f"train.global_batch_size={args.global_batch}", *args.set]
     if args.epochs is not None:
         shared.append(f"train.epochs={args.epochs}")
@@ -243,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no finished runs", file=sys.stderr)
         return 1
-    _, table = summarize(results)
+    _, table = summarize(results, reference if reference in results else None)
     write_csvs(args.out, results, labels)
     title = args.title or f"{args.nproc} ranks, global batch {args.global_batch}, seeds {args.seeds}"
     plot(args.out, results, title)

@@ -63,11 +63,68 @@ def test_read_run_and_summary_hand_computed(tmp_path):
     assert rows[0]["wall_s"] == (70, pytest.approx(14.142135623730951)) and rows[0]["seeds"] == 2
     assert "| v3 | 0.6000 ± 0.1414 | 1.0000 ± 0.0000 | 70 ± 14 | 150 | 2 |" in table
     experiments.write_csvs(tmp_path, {"v3": {0: a, 1: b}}, {"v3": "fastclip_v3"})
+    assert experiments.load_sweep(tmp_path)["v3"][1]["curve"] == [(160, 0.4), (320, 0.7)]
     with (tmp_path / "curves.csv").open() as f:
         assert list(csv.reader(f))[1:] == [["v3", "0", "160", "0.2"], ["v3", "0", "320", "0.5"],
                                           ["v3", "1", "160", "0.4"], ["v3", "1", "320", "0.7"]]  # fmt: skip
     experiments.plot(tmp_path, {"v3": {0: a, 1: b}}, "t")
     assert (tmp_path / "top1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_samples_to_reach_hand_computed():
+    curve = [(100, 0.2), (200, 0.5), (300, 0.8)]
+    assert experiments.samples_to_reach(curve, 0.65) == pytest.approx(250)  # interpolated, not the next point (300)
+    assert experiments.samples_to_reach(curve, 0.5) == 200 and experiments.samples_to_reach(curve, 0.1) == 100
+    assert experiments.samples_to_reach(curve, 0.81) == float("inf")
+    assert experiments.samples_to_reach([(100, 0.6), (200, 0.4), (300, 0.7)], 0.5) == 100  # the first crossing
+
+
+def sweep(finals: dict[str, list[list[float]]], batch: int) -> dict[str, dict[int, dict]]:
+    """Fake runs: per label, per seed, top-1 at evals every 100 samples (the last one is the final)."""
+    return {
+        label: {seed: {"final": {"top1": c[-1], "top5": 1.0}, "curve": [(100 * (i + 1), y) for i, y in enumerate(c)],
+                       "wall_s": 1.0, "samples_per_s": 1.0, "global_batch": batch} for seed, c in enumerate(curves)}
+        for label, curves in finals.items()
+    }  # fmt: skip
+
+
+def test_summary_samples_to_reach_the_reference():
+    # openclip's mean final 0.6 is reached by its own mean curve (0.3, 0.45, 0.6) at 300 samples; v3's mean
+    # curve (0.4, 0.7, 0.8) crosses 0.6 at 100 + 0.2/0.3*100 samples, so 300 / 166.7 = 1.8x fewer; seed 1 of v1
+    # (0.5, 0.55, 0.58) never reaches 0.6, seed 0 (0.5, 0.6, 0.7) does.
+    results = sweep({"openclip": [[0.2, 0.4, 0.5], [0.4, 0.5, 0.7]], "v3": [[0.4, 0.7, 0.8], [0.4, 0.7, 0.8]],
+                     "v1": [[0.5, 0.6, 0.7], [0.5, 0.55, 0.58]]}, 32)  # fmt: skip
+    rows, table = experiments.summarize(results, "openclip")
+    reach = {r["label"]: r["reach"] for r in rows}
+    assert reach["openclip"] == {"samples": 300, "fewer": 1.0, "seeds_reaching": 1}  # its seed 0 ends at 0.5
+    assert reach["v3"]["samples"] == pytest.approx(500 / 3) and reach["v3"]["fewer"] == pytest.approx(1.8)
+    assert reach["v1"]["samples"] == pytest.approx(200 + 0.025 / 0.065 * 100)  # mean curve (0.5, 0.575, 0.64)
+    assert reach["v1"]["seeds_reaching"] == 1
+    assert "samples to openclip's top-1 0.6000" in table and "| 167 | 1.80× | 2/2 |" in table
+    _, table = experiments.summarize(sweep({"openclip": [[0.5, 0.9]], "v3": [[0.1, 0.2]]}, 32), "openclip")
+    assert "| never | – | 0/1 |" in table
+
+
+def test_combine_batches_from_csvs(tmp_path):
+    # Sample stds: stdev(0.68, 0.72) = 0.02·√2. Batch 32: v3 0.8 vs openclip 0.7, both ± 0.02·√2 -> +0.1 / (0.02·√2)
+    # = +3.54 spreads, ahead. Batch 64: 0.71 ± 0 -> pooled sqrt((0.0008 + 0) / 2) = 0.02, +0.01 / 0.02 = +0.5, level.
+    # Written and read back through the CSVs.
+    dirs = []
+    for batch, v3 in ((32, [[0.5, 0.78], [0.5, 0.82]]), (64, [[0.3, 0.71], [0.3, 0.71]])):
+        results = sweep({"openclip": [[0.4, 0.68], [0.4, 0.72]], "v3": v3}, batch)
+        dirs.append(tmp_path / f"b{batch}")
+        dirs[-1].mkdir()
+        experiments.write_csvs(dirs[-1], results, {"openclip": "openclip", "v3": "fastclip_v3"})
+    assert experiments.main(["--combine", *map(str, dirs), "--out", str(tmp_path / "all"), "--title", "t"]) == 0
+    with (tmp_path / "all" / "summary.csv").open() as f:
+        rows = {(r["global_batch"], r["label"]): r for r in csv.DictReader(f)}
+    assert rows["32", "v3"]["verdict"] == "ahead" and rows["64", "v3"]["verdict"] == "level"
+    assert float(rows["32", "v3"]["delta_in_spreads"]) == pytest.approx(5 / 2**0.5)
+    assert float(rows["64", "v3"]["delta_in_spreads"]) == pytest.approx(0.5)
+    assert rows["32", "openclip"]["verdict"] == "level" and float(rows["32", "openclip"]["delta"]) == 0
+    assert (tmp_path / "all" / "top1_by_batch.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):  # the same batch twice is refused
+        experiments.main(["--combine", str(dirs[0]), str(dirs[0]), "--out", str(tmp_path / "x")])
 
 
 def test_open_clip_log_throughput(tmp_path):
