@@ -207,6 +207,7 @@ class Trainer:
         self.stop = StopRequest()
         self.pos = Position()
         self.saved_step = -1
+        self.evaluated: tuple[int, dict[str, Any]] | None = None  # (step, metrics) of the last evaluation
         self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, in all
         self.nonfinite_in_a_row = 0
         self.overflow_steps = 0  # steps the fp16 loss scaler skipped, in all (they never abort the run)
@@ -480,10 +481,13 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Evaluate on ``eval.data`` ({} when null); the metrics name the split under ``data``. Every rank encodes
         its share (``data.num_workers`` loaders), rank 0 computes the metrics ({} elsewhere); under ZeRO-3 every rank
-        runs as many forwards (they gather the partitioned parameters collectively)."""
+        runs as many forwards (they gather the partitioned parameters collectively). A second call at the same step
+        (the end of a run whose last step was a periodic eval) returns the first one's metrics."""
         root = self.cfg["eval"]["data"]
         if not root:
             return {}
+        if self.evaluated is not None and self.evaluated[0] == self.pos.global_step:
+            return self.evaluated[1]
         workers = self.cfg["data"]["num_workers"]
         scores = evaluate_split(
             self.engine.module,
@@ -500,6 +504,7 @@ class Trainer:
             self.metrics.log(self.pos.global_step, "eval", metrics)
             print(f"eval @ step {self.pos.global_step}: {summary(metrics)}", flush=True)
         comm.barrier("eval")
+        self.evaluated = (self.pos.global_step, metrics)
         return metrics
 
 

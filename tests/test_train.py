@@ -80,7 +80,8 @@ def metrics(out: Path, kind: str) -> list[dict]:
 @pytest.mark.parametrize(("stage", "ds_config"), [(0, "cpu_zero0_fp32"), (2, "cpu_zero2_bf16"), (3, "cpu_zero3_fp32")])
 def test_two_rank_deepspeed_run(digits_root: Path, tmp_path: Path, stage: int, ds_config: str) -> None:
     out = tmp_path / "run"
-    proc = torchrun(2, small_run(digits_root, out, "--deepspeed_config", f"ds_configs/{ds_config}.json"))
+    ds = ["--deepspeed_config", f"ds_configs/{ds_config}.json"]
+    proc = torchrun(2, small_run(digits_root, out, *ds, "--set", "eval.every_steps=2"))
     assert proc.returncode == 0
     train = metrics(out, "train")
     assert [x["step"] for x in train] == [1, 2, 3, 4]
@@ -89,10 +90,12 @@ def test_two_rank_deepspeed_run(digits_root: Path, tmp_path: Path, stage: int, d
     assert resolved["zero_optimization"]["stage"] == stage and resolved["train_micro_batch_size_per_gpu"] == 16
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    # eval.json is the final eval logged at the last step and names its split, as does the printed line
+    # Evals at steps 2 and 4, each once (the end of the run reuses step 4's instead of evaluating again); eval.json
+    # is the one at the last step and names its split, as does the printed line.
     final = json.loads((out / "eval.json").read_text())
+    assert [x["step"] for x in metrics(out, "eval")] == [2, 4] and proc.stdout.count("eval @ step 4:") == 1
     logged = [{k: v for k, v in x.items() if k not in ("step", "kind", "time")} for x in metrics(out, "eval")]
-    assert logged == [final] and final["data"] == str(digits.eval_root(digits_root)) and final["n"] == 397
+    assert logged[1] == final and final["data"] == str(digits.eval_root(digits_root)) and final["n"] == 397
     assert round(final["top1"] * 397) == pytest.approx(final["top1"] * 397, abs=1e-9)  # a count of 397 images
     assert f"top1 {final['top1']:.4f}" in proc.stdout and f"on {final['data']}" in proc.stdout.splitlines()[-1]
     assert "is deprecated" not in proc.stderr  # torch's FutureWarning about DeepSpeed's calls is silenced
