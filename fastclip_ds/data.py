@@ -63,7 +63,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ class _Decoder:
                 images.append(self.image_transform(self._image(raw, worker)))
         tokens = self.tokenizer([r.caption for r in rows])
         keys = torch.tensor([r.key for r in rows], dtype=torch.int64)
-        return torch.stack(images), tokens, keys
+        return default_collate(images), tokens, keys  # in a worker: stacked straight into shared memory
 
 
 class _EpochStream(_Decoder, IterableDataset):

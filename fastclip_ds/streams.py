@@ -210,7 +210,8 @@ class StreamLoader(TrainLoader):
         for parts in zip(*[items] * workers, strict=False):  # worker w's item for step t is the (t K + w)-th
             for worker, (*_, pos) in enumerate(parts):
                 self._positions[self.dataset.worker_streams(worker)] = pos
-            images, tokens, keys = (torch.cat(x) for x in zip(*(p[:3] for p in parts), strict=True))
+            columns = zip(*(p[:3] for p in parts), strict=True)  # one worker: its tensors as they are, no copy
+            images, tokens, keys = (x[0] if len(x) == 1 else torch.cat(x) for x in columns)
             self.next_step += 1
             yield images, tokens, keys
 
