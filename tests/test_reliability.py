@@ -34,7 +34,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 from fastclip_ds import checkpoint, train
 
-kind, _, arg = os.environ.get("FAULT", "").partition(":")
+faults = dict(f.split(":", 1) for f in os.environ.get("FAULT", "").split(";") if f)  # "kind:arg;kind:arg"
 rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 step_fn, save_fn, ds_save = train.Trainer.train_step, train.Trainer.save, DeepSpeedEngine.save_checkpoint
 
@@ -53,17 +53,18 @@ class NanGrad(torch.autograd.Function):
 
 def before_step(self, *args):
     step = self.pos.global_step + 1
-    if kind == "sigterm" and step == int(arg) and rank == world - 1:
+    if faults.get("sigterm") == str(step) and rank == world - 1:
         os.kill(os.getpid(), signal.SIGTERM)
-    if kind == "sigterm_tree" and step == int(arg):  # as a scheduler does: this process and its DataLoader workers
+    if faults.get("sigterm_tree") == str(step):  # as a scheduler does: this process and its DataLoader workers
         children = open(f"/proc/self/task/{os.getpid()}/children").read().split()
         for pid in [*map(int, children), os.getpid()]:
             os.kill(pid, signal.SIGTERM)
-    if kind == "die" and step == int(arg) and rank == world - 1:
+    if faults.get("die") == str(step) and rank == world - 1:
         os.kill(os.getpid(), signal.SIGKILL)
-    if kind == "hang" and step == int(arg) and rank == world - 1:
+    if faults.get("hang") == str(step) and rank == world - 1:
         time.sleep(3600)
-    if kind in ("nan", "nangrad") and str(step) in arg.split(","):
+    kind = next((k for k in ("nan", "nangrad") if str(step) in faults.get(k, "").split(",")), None)
+    if kind is not None:
         forward, poison = self.loss_fn.forward, (lambda x: x * float("nan")) if kind == "nan" else NanGrad.apply
         self.loss_fn.forward = lambda *a: {**(r := forward(*a)), "loss": poison(r["loss"])}
         try:
@@ -75,14 +76,14 @@ def before_step(self, *args):
 
 def after_save(self):
     tag = save_fn(self)
-    if kind == "kill_after_save" and self.pos.global_step == int(arg):
+    if faults.get("kill_after_save") == str(self.pos.global_step):
         os.kill(os.getpid(), signal.SIGKILL)
     return tag
 
 
 def in_save(self, save_dir, tag=None, **kwargs):
     out = ds_save(self, save_dir, tag=tag, **kwargs)
-    if kind == "kill_in_save" and tag == checkpoint.tag_for(int(arg)):
+    if "kill_in_save" in faults and tag == checkpoint.tag_for(int(faults["kill_in_save"])):
         os.kill(os.getpid(), signal.SIGKILL)  # DeepSpeed's files written; loss state, RNG, complete.json not
     return out
 
@@ -95,7 +96,8 @@ FASTCLIP = ["--set", "loss.name=fastclip_v3", "--set", "eval.data=null", "--set"
 
 
 def launch(tmp_path: Path, nproc: int, args: list[str], fault: str = "") -> subprocess.CompletedProcess[str]:
-    """The driver on ``nproc`` ranks (torchrun for 2, plain python for 1) with ``FAULT=fault``."""
+    """The driver on ``nproc`` ranks (torchrun for 2, plain python for 1) with ``FAULT=fault`` (``kind:step``, several
+    joined by ``;``)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     if nproc == 1:
