@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REASONS = ("no_image", "bad_image", "no_caption", "no_key", "key_out_of_range", "corrupt_tar", "image_substituted")
 SPLITS = ("streams", "global", "rank")
-PREFETCH = 4  # batches each DataLoader worker keeps ready
+PREFETCH = 4  # items each DataLoader worker keeps ready: batches, or (streams) its part of 4 steps
 SHUFFLE_BUFFER = 5000  # OpenCLIP's sample shuffle buffer
 CSV_CHUNK = 1000  # CSV rows that stand for one shard
 NO_KEY = -1  # the key of a sample without one, for losses without per-sample state
@@ -312,7 +312,8 @@ def _row_seed(*parts: int) -> int:
 
 
 class _Decoder:
-    """What the split modes' datasets share: the epoch's arguments, decoding rows into a batch, skip counts."""
+    """What the split modes' datasets share: the epoch's arguments (a plan in shared memory, so that persistent
+    DataLoader workers take a new epoch when their next iteration begins), decoding rows into a batch, skip counts."""
 
     def __init__(
         self,
@@ -326,16 +327,38 @@ class _Decoder:
         tokenizer: Callable,
         counts: Tensor,
         valid: Tensor,
+        streams: int = 0,
+        positions: list[tuple[int, int, int]] | None = None,
     ) -> None:
-        self.sources, self.steps, self.start_step = sources, steps, start_step
+        self.sources, self.steps = sources, steps
         self.urls = [u for src in sources for u in src.urls]
         self._source_of = {u: src for src in sources for u in src.urls}
-        self.seed, self.epoch, self.image_transform, self.tokenizer = seed, epoch, image_transform, tokenizer
+        self.seed, self.image_transform, self.tokenizer = seed, image_transform, tokenizer
         self.counts = counts  # [workers, len(REASONS)], shared memory: worker w writes row w
         self.valid = valid  # [workers]: valid samples in the batches worker w yielded
+        self._plan = torch.zeros(3 + 3 * streams, dtype=torch.int64).share_memory_()  # see set_epoch
+        self.set_epoch(epoch, start_step, positions)  # sets epoch, start_step, positions
 
     def __len__(self) -> int:
         return self.steps - self.start_step
+
+    def set_epoch(self, epoch: int, start_step: int = 0, positions: list[tuple[int, int, int]] | None = None) -> None:
+        """Where the next iteration starts: ``epoch``, step ``start_step`` (replayed without decoding), or each
+        stream's saved ``(pass, shard, offset)`` there. Shared memory ``[epoch, start_step, has positions,
+        positions...]``: a worker reads it when its next iteration begins (:meth:`_begin`)."""
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step ({start_step}) must be in [0, {self.steps}] (steps per epoch)")
+        flat = [epoch, start_step, positions is not None, *itertools.chain.from_iterable(positions or ())]
+        self._plan[: len(flat)] = torch.tensor(flat, dtype=torch.int64)
+        self._begin()
+
+    def _begin(self, worker: int | None = None) -> None:
+        """Take the plan into this process's attributes; a worker (``worker`` given) also zeroes its counts, so they
+        cover the current epoch (as its own loader's did before workers were persistent)."""
+        self.epoch, self.start_step, has_positions, *flat = self._plan.tolist()
+        self.positions = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)] if has_positions else None
+        if worker is not None:
+            self.counts[worker], self.valid[worker] = 0, 0
 
     def _shard(self, url: str) -> Iterator[_Raw | str]:
         return _shard_samples(url, self._source_of[url])
@@ -426,6 +449,7 @@ class _EpochStream(_Decoder, IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        self._begin(worker)
         if self.split == "global":
             stream, stride = 0, 1
         else:  # stream s holds steps s (mod W); worker w serves the one with step start_step + w first
@@ -442,15 +466,30 @@ class _EpochStream(_Decoder, IterableDataset):
 
 
 class TrainLoader:
-    """Iterable over one epoch's local batches ``(images [B,3,H,W], tokens [B,L], keys [B] int64)``."""
+    """Iterable over the current epoch's local batches ``(images [B,3,H,W], tokens [B,L], keys [B] int64)``;
+    :meth:`set_epoch` moves it on. Its DataLoader workers are persistent: started at the first iteration, they
+    serve every later one (each begins by reading the dataset's shared plan) until :meth:`close`. With CUDA, the
+    batches are in pinned memory (``pin_items``: the DataLoader pins each worker's item, which is a whole batch)."""
 
-    def __init__(self, dataset: _Decoder, num_workers: int) -> None:
+    def __init__(self, dataset: _Decoder, num_workers: int, pin_items: bool = True) -> None:
         self.dataset, self.num_workers = dataset, num_workers
+        self.pin = torch.cuda.is_available()
+        self._pin_items = self.pin and pin_items
+        self._dataloader: DataLoader | None = None  # made by the first iteration with workers, dropped by close()
         self._warned: set[str] = set()
         self._wait_s, self._waits = 0.0, 0
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Make the next iteration ``epoch`` from ``start_step`` (earlier steps replayed without decoding)."""
+        self.dataset.set_epoch(epoch, start_step)
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (else when the loader is garbage collected: its iterator's finalizer);
+        a later iteration starts new ones."""
+        self._dataloader = None
 
     def __iter__(self) -> Iterator[Batch]:
         """The batches, timing the wait for each (and warning of bad data as :meth:`stats` does)."""
@@ -474,18 +513,21 @@ class TrainLoader:
         return self._items()
 
     def _items(self) -> Iterator[Any]:
-        """The dataset's items, from DataLoader workers when there are any."""
+        """The dataset's items, from the DataLoader workers when there are any."""
         if self.num_workers == 0:
             yield from self.dataset
             return
-        try:
-            yield from DataLoader(
+        if self._dataloader is None:
+            self._dataloader = DataLoader(
                 self.dataset,
                 batch_size=None,
                 num_workers=self.num_workers,
                 prefetch_factor=PREFETCH,
-                pin_memory=torch.cuda.is_available(),
+                pin_memory=self._pin_items,
+                persistent_workers=True,
             )
+        try:
+            yield from self._dataloader
         except BadDataError as err:  # re-raised from a worker with its traceback: keep the one-line reason
             last = str(err).strip().splitlines()[-1]
             raise BadDataError(last.partition(f"{BadDataError.__name__}: ")[2] or last) from None
@@ -556,8 +598,6 @@ def train_loader(
     steps = steps_per_epoch(num_samples, global_batch)
     if steps < 1:
         raise ValueError(f"num_samples ({num_samples}) is smaller than one global batch ({global_batch})")
-    if not 0 <= start_step <= steps:
-        raise ValueError(f"start_step ({start_step}) must be in [0, {steps}] (steps per epoch)")
     num_workers = default_workers() if num_workers is None else num_workers
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")

@@ -107,9 +107,8 @@ class _StreamEpoch(_Decoder, IterableDataset):
         resampled: bool,
         **common: Any,
     ) -> None:
-        super().__init__(sources, **common)
-        self.streams, self.workers, self.block, self.positions = streams, workers, max(block, 1), positions
-        self.resampled = resampled
+        super().__init__(sources, streams=streams, positions=positions, **common)
+        self.streams, self.workers, self.block, self.resampled = streams, workers, max(block, 1), resampled
         self.per_stream = global_batch // streams  # rows of the global batch from each stream
         self.per_worker = streams // world_size // workers
         self.first_stream = rank * (streams // world_size)
@@ -173,6 +172,7 @@ class _StreamEpoch(_Decoder, IterableDataset):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        self._begin(worker)
         streams = self.worker_streams(worker)
         sources = [self._stream(s) for s in streams]
         for step in range(self.start_step, self.steps):
@@ -197,23 +197,43 @@ class StreamLoader(TrainLoader):
     dataset: _StreamEpoch
 
     def __init__(self, dataset: _StreamEpoch, num_workers: int) -> None:
-        super().__init__(dataset, num_workers)
-        self.next_step = dataset.start_step
+        super().__init__(dataset, num_workers, pin_items=dataset.workers == 1)  # else pinned when joined
         self._positions = torch.full((dataset.streams, 3), -1, dtype=torch.int64)
-        if dataset.positions is not None:  # known before the first batch (a resume from a saved state)
+        self._start()
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        super().set_epoch(epoch, start_step)
+        self._start()
+
+    def _start(self) -> None:
+        """The step and this rank's stream positions before the next iteration's first batch (positions are known
+        then only when resuming from saved ones; -1: not yet)."""
+        dataset = self.dataset
+        self.next_step = dataset.start_step
+        self._positions.fill_(-1)
+        if dataset.positions is not None:
             own = range(dataset.worker_streams(0).start, dataset.worker_streams(dataset.workers - 1).stop)
             self._positions[own] = torch.tensor([dataset.positions[s] for s in own], dtype=torch.int64)
 
     def _batches(self) -> Iterator[Batch]:
+        self._start()
         items = self._items()
         workers = self.dataset.workers
         for parts in zip(*[items] * workers, strict=False):  # worker w's item for step t is the (t K + w)-th
             for worker, (*_, pos) in enumerate(parts):
                 self._positions[self.dataset.worker_streams(worker)] = pos
-            columns = zip(*(p[:3] for p in parts), strict=True)  # one worker: its tensors as they are, no copy
-            images, tokens, keys = (x[0] if len(x) == 1 else torch.cat(x) for x in columns)
+            columns = zip(*(p[:3] for p in parts), strict=True)
+            images, tokens, keys = (self._join(list(x)) for x in columns)
             self.next_step += 1
             yield images, tokens, keys
+
+    def _join(self, parts: list[Tensor]) -> Tensor:
+        """The workers' parts of a batch as one tensor: one worker's as it is (no copy); several concatenated, into
+        pinned memory with CUDA (the DataLoader then leaves pinning to this one copy)."""
+        if len(parts) == 1:
+            return parts[0]
+        shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+        return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=self.pin))
 
     def state(self, max_over_ranks: Callable[[list[int]], list[int]]) -> dict[str, Any] | None:
         """``{"epoch", "step", "streams"}``: every stream's ``(pass, shard, offset)`` before step ``step`` of the

@@ -212,7 +212,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.overflow_steps = 0  # steps the fp16 loss scaler skipped, in all (they never abort the run)
         self.throughput = Throughput()
-        self.loader: Any = None  # the current epoch's train loader
+        self.loader: TrainLoader | None = None  # made by open_loader, kept across epochs
         self.data_state: dict[str, Any] | None = None  # the data position saved with the resumed checkpoint
 
     def _build_engine(self, ds_config: dict[str, Any]) -> Any:
@@ -244,9 +244,11 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Restore the previous SIGTERM/SIGUSR1 handlers and close the metrics files."""
+        """Restore the previous SIGTERM/SIGUSR1 handlers, close the metrics files, stop the train loader's workers."""
         self.stop.restore()
         self.metrics.close()
+        if self.loader is not None:
+            self.loader.close()
 
     def tau(self) -> float:
         """The global τ = exp(−logit_scale) the model holds now. DeepSpeed steps the LR schedule right after the
@@ -263,7 +265,7 @@ class Trainer:
             return checkpoint.tag_for(self.saved_step)
         state = {
             "position": vars(self.pos),
-            "data": self.loader.state(partial(agree, device=self.device)) if self.loader else None,
+            "data": self.loader.state(partial(agree, device=self.device)) if self.loader is not None else None,
             "config": self.cfg.values,
             "nonfinite_steps": self.nonfinite_steps,
             "overflow_steps": self.overflow_steps,
@@ -294,7 +296,11 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------
     def open_loader(self) -> TrainLoader:
-        """This rank's train loader of the current epoch from the current position (kept for the next save)."""
+        """This rank's train loader, set to the current epoch and position: made by the first call (from the resumed
+        data position, if any), moved on by later ones, so its DataLoader workers persist across epochs."""
+        if self.loader is not None:
+            self.loader.set_epoch(self.pos.epoch, self.pos.step_in_epoch)
+            return self.loader
         train, data = self.cfg["train"], self.cfg["data"]
         self.loader = train_loader(
             data["train"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import random
 import sys
 import tarfile
 from pathlib import Path
@@ -88,6 +90,37 @@ def test_epoch_sees_every_sample_once_when_shards_divide(shards: str) -> None:
     assert sorted(keys) == list(range(SHARDS * PER_SHARD))
     again = torch.cat([k for _, _, k in loader(shards, epoch=1)]).tolist()
     assert sorted(again) == sorted(keys) and again != keys  # a new order each epoch
+
+
+def expected_keys(root: Path, epoch: int, streams: int = 8, global_batch: int = 32) -> list[list[int]]:
+    """Per step, the keys of the global batch as the streams split documents them, derived here for blocks of one
+    sample (no shuffle within a shard): stream s reads the shards at positions s, s + S, ... of the shard order
+    shuffled by (seed 0, epoch, pass 0), each in file order; step t takes the next G / S samples of every stream."""
+    urls = [f"{root}/{s:03d}.tar" for s in range(SHARDS)]
+    random.Random(f"0:{epoch}:0:shards").shuffle(urls)
+    order = [[int(Path(u).stem) * PER_SHARD + i for u in urls[s::streams] for i in range(PER_SHARD)] for s in range(8)]
+    n = global_batch // streams
+    return [[k for keys in order for k in keys[t * n : (t + 1) * n]] for t in range(SHARDS * PER_SHARD // global_batch)]
+
+
+def test_workers_persist_across_epochs_and_serve_each_epochs_batches(shards: str) -> None:
+    # Catches: DataLoader workers made anew every epoch (new PIDs), persistent workers that keep the first epoch's
+    # plan (epoch 1 = epoch 0 again) or go on where their streams stood, and skip/valid counts summed over epochs.
+    def worker_pid(img: Image.Image) -> torch.Tensor:
+        return torch.full((1,), float(os.getpid()))
+
+    ld = loader(shards, num_workers=2, image_transform=worker_pid, shuffle_buffer=1)
+    seen = []
+    for epoch in (0, 1):
+        ld.set_epoch(epoch)
+        batches = list(ld)
+        assert int(ld.dataset.valid.sum()) == SHARDS * PER_SHARD  # this epoch's samples only
+        seen.append(({int(p) for images, _, _ in batches for p in images.flatten().tolist()}, batches))
+    ld.close()
+    (pids, first), (pids_again, second) = seen
+    assert len(pids) == 2 and os.getpid() not in pids and pids_again == pids
+    for epoch, batches in enumerate((first, second)):
+        assert [keys.tolist() for _, _, keys in batches] == expected_keys(Path(shards).parent, epoch)
 
 
 def read_epoch(pattern: str, world: int, split: str, start_step: int = 0, resume: dict | None = None) -> None:
