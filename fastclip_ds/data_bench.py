@@ -113,18 +113,45 @@ def _open_clip(pattern: str, samples: int, batch: int, workers: int, transform, 
     return sum(len(images) for images, _ in info.dataloader)
 
 
-def _throughput(pattern: str, samples: int, batch: int, workers: int, which: str) -> float:
-    """Samples/s of one epoch of ``which`` loader ("ours" | "open_clip"), from creating it to its last batch, with
-    open_clip's ViT-B-32 train transform (224 px) and tokenizer."""
+def _throughput(pattern: str, samples: int, batch: int, workers: int, which: str) -> tuple[float, float]:
+    """``(samples/s, CPU ms per sample)`` of one epoch of ``which`` loader ("ours" | "open_clip"), from creating it
+    to its last batch, with open_clip's ViT-B-32 train transform (224 px) and tokenizer. CPU time is this process's
+    and its finished DataLoader workers' (less sensitive to other load on the machine than the rate)."""
+    import resource
     import time
 
     from .compat import import_open_clip
 
+    def cpu_s() -> float:
+        return sum(
+            r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        )
+
     open_clip = import_open_clip()
     transform, tokenizer = open_clip.image_transform(224, is_train=True), open_clip.get_tokenizer("ViT-B-32")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_s()
     n = (_ours if which == "ours" else _open_clip)(pattern, samples, batch, workers, transform, tokenizer)
-    return n / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, cpu_s() - cpu
+    if n != samples:
+        raise RuntimeError(f"{which} delivered {n} samples, not {samples}")
+    return n / wall, 1000 * cpu / n
+
+
+def compare(pattern: str, samples: int, batch: int, workers: int, repeats: int) -> dict[str, float]:
+    """Medians over ``repeats`` alternating runs of both loaders (so load from elsewhere hits both alike); each
+    delivers the same ``samples``: a multiple of ``batch * workers`` (open_clip's epoch is whole batches per
+    worker)."""
+    import statistics
+
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "open_clip": []}
+    for _ in range(repeats):
+        for which, out in runs.items():
+            out.append(_throughput(pattern, samples, batch, workers, which))
+    row = {}
+    for which, out in runs.items():
+        row[which] = statistics.median(rate for rate, _ in out)
+        row[f"{which}_cpu_ms"] = statistics.median(ms for _, ms in out)
+    return {**row, "ratio": row["ours"] / row["open_clip"]}
 
 
 def read_epoch(pattern: str, samples: int, batch: int, world: int, workers: int, split: str) -> None:
@@ -156,18 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-shard", type=int, default=1_250, help="1,250: the 8 shards divide over 8 streams")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per loader; the median is reported")
+    parser.add_argument("--worlds", type=int, nargs="*", default=[1, 2, 4], help="IO amplification (none: skip)")
     args = parser.parse_args(argv)
     shard_dir = args.out / "shards"
     pattern = write_jpeg_shards(shard_dir, args.samples, args.per_shard)
     total = sum(p.stat().st_size for p in shard_dir.glob("*.tar"))
     rows = []
     for workers in args.workers:
-        rates = {
-            which: _throughput(pattern, args.samples, args.batch, workers, which) for which in ("ours", "open_clip")
-        }
-        rows.append({"measure": "samples_per_s", "workers": workers, "world_size": 1, **rates,
-                     "ratio": rates["ours"] / rates["open_clip"]})  # fmt: skip
+        delivered = args.samples // (args.batch * workers) * args.batch * workers
+        row = compare(pattern, delivered, args.batch, workers, args.repeats)
+        rows.append({"measure": "samples_per_s", "workers": workers, "world_size": 1, "samples": delivered, **row})
     for world in args.worlds:
         for split in ("streams", *(["global"] if world == 2 else [])):
             code = (
@@ -179,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 {"measure": f"io_amplification_{split}", "workers": 2, "world_size": world, "ours": read / total}
             )
-    fields = ["measure", "workers", "world_size", "ours", "open_clip", "ratio"]
+    fields = ["measure", "workers", "world_size", "samples", "ours", "open_clip", "ratio"]
+    fields += ["ours_cpu_ms", "open_clip_cpu_ms"]
     with open(args.out / "bench_data.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
@@ -187,18 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPUs"
     lines = [
         f"{args.samples} JPEGs of 224-256 px ({total / args.samples / 1024:.0f} KiB each), {args.per_shard} per shard, "
-        f"batch {args.batch}; {machine}",
+        f"batch {args.batch}; {machine}; samples/s and CPU: median of {args.repeats} alternating runs",
         "",
-        "| measure | workers | world size | ours | open_clip | ours / open_clip |",
-        "|---|---|---|---|---|---|",
+        "| measure | workers | world size | ours | open_clip | ours / open_clip | CPU ms/sample ours | open_clip |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ours, oc, ratio = (
-            (f"{r['ours']:.0f}", f"{r['open_clip']:.0f}", f"{r['ratio']:.2f}")
+        values = (
+            (f"{r['ours']:.0f}", f"{r['open_clip']:.0f}", f"{r['ratio']:.2f}", f"{r['ours_cpu_ms']:.2f}",
+             f"{r['open_clip_cpu_ms']:.2f}")
             if "ratio" in r
-            else (f"{r['ours']:.3f}", "", "")
-        )
-        lines.append(f"| {r['measure']} | {r['workers']} | {r['world_size']} | {ours} | {oc} | {ratio} |")
+            else (f"{r['ours']:.3f}", "", "", "", "")
+        )  # fmt: skip
+        lines.append(f"| {r['measure']} | {r['workers']} | {r['world_size']} | " + " | ".join(values) + " |")
     (args.out / "bench_data.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
